@@ -1,0 +1,125 @@
+"""Command line: thin wrappers that parse, call one library function, and print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s compress: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn):
+    """CompressError -> one message and exit 1; Ctrl-C -> how to resume, exit 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished steps are kept; run the same command again to resume",
+                       err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="compress")
+def main(verbose: bool) -> None:
+    """Make causal LMs smaller and faster: depth pruning + quantization, with measured costs."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True,
+              help="Replace an output folder that holds another recipe's run (only once this run completes).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@user_errors
+def run(recipe: Path, overwrite: bool, no_progress: bool) -> None:
+    """Run a YAML RECIPE: stages, evaluation after each, checkpoints, report."""
+    from compress.pipeline import run_recipe
+    from compress.report import table
+
+    report = run_recipe(recipe, overwrite=overwrite, progress=not no_progress)
+    click.echo(table(report["rows"]))
+    click.echo(f"\nreport: {Path(report['output']) / 'report.md'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@user_errors
+def validate(recipe: Path) -> None:
+    """Check a RECIPE (and the model's config) without loading any weights."""
+    from compress.model_io import model_facts, read_config
+    from compress.recipe import check_against_model, load_recipe
+
+    r = load_recipe(recipe)
+    facts = model_facts(read_config(r.model, r.revision, r.trust_remote_code))
+    check_against_model(r, facts)
+    click.echo(f"{recipe}: ok ({len(r.stages)} stage(s): {', '.join(s.name for s in r.stages)}; "
+               f"model {facts.model_type} with {facts.num_layers} layers; output {r.output})")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--metric", default="bi", show_default=True,
+              help="bi, angular, relative_magnitude, ppl_drop, sequential, reverse.")
+@click.option("--data", "data", help="Local .txt/.jsonl file or folder for calibration text.")
+@click.option("--dataset", help="Hub dataset (pg19 or a hub id) instead of --data.")
+@click.option("--split", default="validation", show_default=True)
+@click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for scores.json and the plot.")
+@user_errors
+def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out) -> None:
+    """Score every decoder layer of MODEL (no changes); prints a table, writes a plot."""
+    from compress.scoring import score_model
+
+    result = score_model(model, metric=metric, data=data, dataset=dataset, split=split,
+                         samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out)
+    click.echo(result.table())
+    if out:
+        click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@user_errors
+def inspect(checkpoint: Path) -> None:
+    """Show the provenance of a CHECKPOINT written by compress (compress.json)."""
+    prov_path = checkpoint / "compress.json"
+    if not prov_path.exists():
+        raise CompressError(f"{checkpoint}: no compress.json; was it written by `compress run`?")
+    try:
+        prov = json.loads(prov_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    click.echo(f"checkpoint {checkpoint}: stage {prov['stage']} of recipe {prov['recipe_path']}")
+    click.echo(f"source: {prov['source'].get('model')} (sha256 {prov['source'].get('content_sha256')})")
+    click.echo(f"layers: kept {len(prov['kept_layers'])} of {prov['original_num_layers']}; "
+               f"removed (original indices) {prov['removed_layers']}")
+    for st in prov["stages"]:
+        click.echo(f"  - {st['name']}: {st['summary']}")
+    v = prov["versions"]
+    click.echo(f"versions: {', '.join(f'{k} {val}' for k, val in v.items())}")
+
+
+if __name__ == "__main__":
+    main()

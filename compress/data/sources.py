@@ -1,0 +1,43 @@
+"""Where text comes from: ``TextSource`` (hub dataset or local path) and reading it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from compress.data.local import load_local_texts
+from compress.data.pg19 import LABELS, load_hub_texts
+
+
+class TextSource(BaseModel):
+    """Text from the hub (``dataset``: ``pg19`` or a hub id) or from disk (``path``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str | None = None
+    path: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    label: str | None = None  # name used in reports, e.g. "Austen (PG)"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of `dataset` (pg19 or a hub id) or `path` (local text)")
+        return self
+
+
+def source_label(source: TextSource) -> str:
+    """How reports name the data: the recipe's label, else PG19/hub id + split, else file name."""
+    if source.label:
+        return source.label
+    if source.dataset:
+        return f"{LABELS.get(source.dataset, source.dataset)} ({source.split})"
+    return Path(source.path).name
+
+
+def load_texts(source: TextSource, max_chars: int | None = None) -> list[str]:
+    if source.path is not None:
+        return load_local_texts(Path(source.path), source.text_field, max_chars)
+    return load_hub_texts(source.dataset, source.split, source.text_field, max_chars)

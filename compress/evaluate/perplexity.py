@@ -1,0 +1,92 @@
+"""Perplexity: token-weighted negative log-likelihood over fixed windows.
+
+Windows of ``seq_len`` tokens start every ``stride`` tokens (stride == seq_len: non-overlapping).
+Each token is predicted exactly once, with as much left context as its window gives (the standard
+sliding-window evaluation of the transformers docs). Log-softmax runs in float32 whatever the
+model's dtype. ppl = exp(sum NLL / number of predicted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first input token
+    end: int  # one past the last input token
+    target_from: int  # first position (absolute) whose prediction is scored
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean NLL per predicted token (nats)
+    tokens: int  # predicted tokens
+    seq_len: int
+    stride: int
+
+
+def make_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """Windows covering ``num_tokens`` so that tokens 1..N-1 are each scored once."""
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in 1..seq_len ({seq_len}), got {stride}")
+    windows, scored_until = [], 1  # token 0 has no context: never scored
+    begin = 0
+    while scored_until < num_tokens:
+        end = min(begin + seq_len, num_tokens)
+        windows.append(Window(begin, end, max(scored_until, begin + 1)))
+        scored_until = end
+        begin += stride
+    return windows
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL in float32. logits (B, T, V) predict targets (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def window_nll(model, tokens: torch.Tensor, windows: list[Window], device) -> tuple[float, int]:
+    """Summed NLL and count over equal-length ``windows`` run as one batch."""
+    ids = torch.stack([tokens[w.begin : w.end] for w in windows]).to(device)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    nll = token_nll(logits, ids[:, 1:])  # position p predicts token p+1
+    total, count = 0.0, 0
+    for row, w in enumerate(windows):
+        first = w.target_from - w.begin - 1  # index into nll of the first scored prediction
+        total += float(nll[row, first:].double().sum())
+        count += w.end - w.target_from
+    return total, count
+
+
+def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Group windows into batches of equal length (the last window may be shorter)."""
+    by_len: dict[int, list[Window]] = {}
+    for w in windows:
+        by_len.setdefault(w.end - w.begin, []).append(w)
+    return [ws[i : i + batch_size] for ws in by_len.values() for i in range(0, len(ws), batch_size)]
+
+
+def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
+               batch_size: int = 1, device=None, progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on a 1-D tensor of token ids."""
+    stride = stride or seq_len
+    if tokens.numel() < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    device = device or next(model.parameters()).device
+    batches = _batches(make_windows(tokens.numel(), seq_len, stride), batch_size)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        t, c = window_nll(model, tokens, batch, device)
+        total, count = total + t, count + c
+    model.train(was_training)
+    nll = total / count
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, seq_len=seq_len, stride=stride)

@@ -1,0 +1,55 @@
+"""Per-layer importance metrics. Every metric returns one score per decoder layer, and for every
+metric the *lowest* score marks the layer to remove first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from compress.importance.angular import AngularDistance
+from compress.importance.bi import BlockInfluence
+from compress.importance.capture import capture_layer_statistics
+from compress.importance.order import reverse_scores, sequential_scores
+from compress.importance.ppl_drop import ppl_drop_scores
+from compress.importance.relative_magnitude import RelativeMagnitude
+from compress.surgery import decoder_layers
+
+ACTIVATION_METRICS = {cls.name: cls for cls in (BlockInfluence, AngularDistance, RelativeMagnitude)}
+ORDER_METRICS: dict[str, Callable[[int], list[float]]] = {
+    "sequential": sequential_scores,
+    "reverse": reverse_scores,
+}
+METRICS = sorted([*ACTIVATION_METRICS, *ORDER_METRICS, "ppl_drop"])
+DESCRIPTIONS = {
+    "bi": "Block Influence, 1 - mean cos(layer input, layer output) (ShortGPT)",
+    "angular": "mean angular distance arccos(cos)/pi between layer input and output",
+    "relative_magnitude": "mean ||f(x)|| / ||x + f(x)|| (Samragh et al. 2023)",
+    "sequential": "baseline: remove the first layers first",
+    "reverse": "baseline: remove the last layers first",
+    "ppl_drop": "calibration NLL increase when the layer alone is skipped",
+}
+
+
+def metric_needs_calibration(metric: str) -> bool:
+    return metric not in ORDER_METRICS
+
+
+def score_layers(model, metric: str, batches: list[dict[str, torch.Tensor]],
+                 progress: bool = True) -> list[float]:
+    """One score per decoder layer of ``model`` (current numbering); lowest = least important."""
+    num_layers = len(decoder_layers(model))
+    if metric in ORDER_METRICS:
+        return ORDER_METRICS[metric](num_layers)
+    if metric == "ppl_drop":
+        return ppl_drop_scores(model, batches, progress)
+    if metric not in ACTIVATION_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; supported: {METRICS}")
+    stat = ACTIVATION_METRICS[metric](num_layers)
+    capture_layer_statistics(model, batches, [stat], progress)
+    return stat.scores()
+
+
+def lowest(scores: list[float], count: int) -> list[int]:
+    """Indices of the ``count`` lowest scores, lowest first (ties: lower index first)."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i], i))[:count]

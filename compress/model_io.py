@@ -1,0 +1,168 @@
+"""Load models (hub id or local folder) and write checkpoints atomically.
+
+A checkpoint is what ``save_pretrained`` writes (safetensors + config + generation config) plus the
+tokenizer and ``compress.json`` (provenance). It is written to a temporary sibling folder and
+renamed into place, so a checkpoint folder under its final name is always complete. The input
+model folder is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import CompressError
+from compress.stages.base import ModelFacts
+from compress.surgery import LAYOUTS
+
+log = logging.getLogger("compress")
+PROVENANCE = "compress.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: dict[str, Any]  # id, revision/commit, content hash, compress.json of the input if any
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = cuda if present, else cpu. A device that is absent is a CompressError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CompressError(f"device: {device!r} asked for, but no CUDA GPU is visible "
+                                "(torch.cuda.is_available() is False); use device: cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CompressError(f"device: {device!r}, but only {torch.cuda.device_count()} GPU(s) exist")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CompressError(f"device: {device!r} asked for, but MPS is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, config) -> torch.dtype:
+    """``auto`` = the dtype the checkpoint declares (float32 if it declares none)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = DTYPES.get(declared)
+    return declared if declared in DTYPES.values() else torch.float32
+
+
+def read_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config (config.json only: no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CompressError(f"model {model!r}: cannot read its config ({str(e).splitlines()[0]})") from None
+
+
+def model_facts(config) -> ModelFacts:
+    """Shape facts the recipe check needs; CompressError for unsupported architectures."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in LAYOUTS:
+        raise CompressError(f"model_type {model_type!r} is not supported; supported: {sorted(LAYOUTS)}")
+    return ModelFacts(
+        model_type=model_type,
+        num_layers=config.num_hidden_layers,
+        num_attention_heads=getattr(config, "num_attention_heads", None),
+        num_key_value_heads=getattr(config, "num_key_value_heads", None),
+        intermediate_size=getattr(config, "intermediate_size", None),
+        quantized=getattr(config, "quantization_config", None) is not None,
+    )
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the names and bytes of the files that define a local model."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def source_info(model: str, is_local: bool, revision: str | None, config) -> dict[str, Any]:
+    info: dict[str, Any] = {"model": model, "revision": revision,
+                            "commit": getattr(config, "_commit_hash", None)}
+    if is_local:
+        info["content_sha256"] = content_hash(Path(model))
+        prov = Path(model) / PROVENANCE
+        if prov.exists():
+            info["compress"] = json.loads(prov.read_text())
+    return info
+
+
+def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
+               trust_remote_code: bool = False):
+    """(model, tokenizer) from a hub id or local folder; safetensors weights only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("loading %s (dtype %s) onto %s%s", model, str(dtype).removeprefix("torch."), device,
+             " with trust_remote_code" if trust_remote_code else "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        net = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise CompressError(f"model {model!r}: cannot load it ({str(e).splitlines()[0]})") from None
+    return net.to(device).eval(), tokenizer
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder to its final name, replacing an older one only after it is complete."""
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(model, tokenizer, final: Path, provenance: dict[str, Any], saver=None) -> Path:
+    """Write a loadable checkpoint to ``final`` atomically (temp sibling folder + rename)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        if saver is not None:
+            saver(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_atomic(tmp / PROVENANCE, json.dumps(provenance, indent=2, default=str))
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("checkpoint written: %s", final)
+    return final

@@ -1,0 +1,257 @@
+"""Run a recipe: load, evaluate the baseline, then each stage -> evaluate -> save, and report.
+
+Everything a run produces lives in the recipe's ``output`` folder::
+
+    run.json                 which recipe (fingerprint) this folder belongs to
+    state/NN-<step>.json     one file per finished step: what a resumed run skips
+    checkpoints/<stage>/     loadable checkpoints (written atomically)
+    report.json, report.md, plots/*.png
+
+Re-running the same recipe resumes: finished stages are replayed from their records (layer
+removal: the recorded indices, no re-scoring), finished evaluations and checkpoints are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress import __version__
+from compress.data.sources import load_texts, source_label
+from compress.data.tokens import calibration_batches, tokenize_documents
+from compress.errors import CompressError
+from compress.evaluate.memory import PeakMemory, disk_bytes, parameter_count, weight_bytes
+from compress.evaluate.perplexity import perplexity
+from compress.model_io import (PROVENANCE, load_model, model_facts, read_config, replace_dir,
+                               resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
+from compress.recipe import Recipe, check_against_model, load_recipe
+from compress.report import write_report
+from compress.stages import STAGES
+from compress.stages.base import StageContext, StageRecord
+from compress.surgery import decoder_layers
+
+log = logging.getLogger("compress")
+RUN_FILE = "run.json"
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"compress": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def prepare_output(recipe: Recipe, overwrite: bool) -> Path:
+    """The folder this run writes to; refuses to mix with another recipe's run."""
+    out = recipe.output
+    ours = {"fingerprint": recipe.fingerprint(), "recipe": str(recipe.path)}
+
+    def belongs(folder: Path) -> bool:
+        run = folder / RUN_FILE
+        return run.exists() and json.loads(run.read_text()).get("fingerprint") == ours["fingerprint"]
+
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output: {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()) or belongs(out):
+        work = out
+    elif overwrite:
+        work = out.with_name(f".{out.name}.new")  # swapped in only once complete
+        if work.exists() and not belongs(work):
+            shutil.rmtree(work)
+    else:
+        raise CompressError(
+            f"output: {out} is not empty and holds no run of this recipe ({recipe.path.name}); "
+            "choose another output folder, or pass --overwrite to replace it once the new run completes"
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / RUN_FILE).exists():
+        write_atomic(work / RUN_FILE, json.dumps({**ours, "created": time.time()}, indent=2))
+    return work
+
+
+@dataclass
+class RunState:
+    """What the run knows so far: one entry per step, in order."""
+
+    folder: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def path(self, index: int, name: str) -> Path:
+        return self.folder / "state" / f"{index:02d}-{name}.json"
+
+    def load(self, index: int, name: str) -> dict[str, Any] | None:
+        p = self.path(index, name)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def store(self, index: int, name: str, entry: dict[str, Any]) -> None:
+        write_atomic(self.path(index, name), json.dumps(entry, indent=2, default=str))
+
+
+class Pipeline:
+    """One recipe run. ``run()`` returns the report dict."""
+
+    def __init__(self, recipe: Recipe, overwrite: bool = False, progress: bool = True) -> None:
+        self.recipe, self.progress = recipe, progress
+        self.config = read_config(recipe.model, recipe.revision, recipe.trust_remote_code)
+        self.facts = model_facts(self.config)
+        check_against_model(recipe, self.facts)
+        self.device = resolve_device(recipe.device)
+        self.dtype = resolve_dtype(recipe.dtype, self.config)
+        self.folder = prepare_output(recipe, overwrite)
+        self.final_folder = recipe.output
+        self.state = RunState(self.folder)
+        self._calibration: list[dict[str, torch.Tensor]] | None = None
+        self._eval_tokens: torch.Tensor | None = None
+
+    # -- data ------------------------------------------------------------------------------
+    def calibration(self, tokenizer) -> list[dict[str, torch.Tensor]]:
+        if self._calibration is None:
+            cal = self.recipe.calibration
+            need = cal.samples * cal.seq_len * 4
+            tokens = tokenize_documents(tokenizer, load_texts(cal, max_chars=need * 12), max_tokens=need)
+            self._calibration = calibration_batches(tokens, cal.samples, cal.seq_len, cal.seed, cal.batch_size)
+            log.info("calibration: %d samples x %d tokens from %s", cal.samples, cal.seq_len, source_label(cal))
+        return self._calibration
+
+    def eval_tokens(self, tokenizer) -> torch.Tensor:
+        if self._eval_tokens is None:
+            ppl = self.recipe.evaluate.perplexity
+            max_chars = ppl.max_tokens * 12 if ppl.max_tokens else None
+            self._eval_tokens = tokenize_documents(tokenizer, load_texts(ppl, max_chars), ppl.max_tokens)
+            log.info("perplexity data: %d tokens of %s", self._eval_tokens.numel(), source_label(ppl))
+        return self._eval_tokens
+
+    # -- steps -----------------------------------------------------------------------------
+    def measure(self, step: str, model, tokenizer) -> dict[str, Any]:
+        """Size metrics always; the recipe's evaluations if it asks for them after ``step``."""
+        start = time.perf_counter()
+        metrics: dict[str, Any] = {"layers": len(decoder_layers(model)), "params": parameter_count(model),
+                                   "weight_bytes": weight_bytes(model)}
+        ppl_cfg = self.recipe.evaluate.perplexity
+        if ppl_cfg is not None and self.should_evaluate(step):
+            tokens = self.eval_tokens(tokenizer)
+            with PeakMemory(self.device) as peak:
+                result = perplexity(model, tokens, ppl_cfg.seq_len, ppl_cfg.stride, ppl_cfg.batch_size,
+                                    self.device, self.progress)
+            metrics.update(ppl=result.ppl, ppl_tokens=result.tokens, ppl_data=source_label(ppl_cfg),
+                           peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind)
+        metrics["eval_wall_s"] = time.perf_counter() - start
+        return metrics
+
+    def should_evaluate(self, name: str) -> bool:
+        after = self.recipe.evaluate.after
+        return name in after or (name != "baseline" and "every_stage" in after)
+
+    def provenance(self, stage_name: str, records: list[dict[str, Any]], kept: list[int]) -> dict[str, Any]:
+        all_ids = list(range(self.facts.num_layers))
+        return {
+            "format": 1, "created_by": f"compress {__version__}", "stage": stage_name,
+            "recipe": self.recipe.raw, "recipe_path": str(self.recipe.path),
+            "recipe_fingerprint": self.recipe.fingerprint(), "source": self.source,
+            "original_num_layers": self.facts.num_layers, "kept_layers": kept,
+            "removed_layers": [i for i in all_ids if i not in kept],
+            "stages": records, "versions": _versions(),
+        }
+
+    def run(self) -> dict[str, Any]:
+        recipe = self.recipe
+        self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
+        model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=self.device,
+                                      revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
+        log.info("model %s: %s, %d layers, %s on %s", recipe.model, self.facts.model_type,
+                 self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device)
+        rows, records = [self._baseline(model, tokenizer)], []
+        layer_ids = list(range(self.facts.num_layers))
+        for index, spec in enumerate(recipe.stages, start=1):
+            row, record = self._stage(index, spec, model, tokenizer, layer_ids, records)
+            rows.append(row)
+            records.append(record)
+            write_report(self.folder, self._report(rows))
+        report = self._report(rows)
+        write_report(self.folder, report)
+        if self.folder != self.final_folder:
+            replace_dir(self.folder, self.final_folder)
+        return report
+
+    def _baseline(self, model, tokenizer) -> dict[str, Any]:
+        entry = self.state.load(0, "baseline")
+        if entry is None:
+            entry = {"step": "baseline", "metrics": self.measure("baseline", model, tokenizer)}
+            self.state.store(0, "baseline", entry)
+        else:
+            log.info("resume: baseline evaluation already done")
+        return {"step": "baseline", **entry["metrics"]}
+
+    def _stage(self, index, spec, model, tokenizer, layer_ids, records):
+        stage = STAGES[spec.kind](spec.config)
+        entry = self.state.load(index, spec.name)
+        if entry is None:
+            log.info("stage %d/%d: %s", index, len(self.recipe.stages), spec.name)
+            ctx = StageContext(calibration=self.calibration(tokenizer) if stage.needs_calibration else [],
+                               tokenizer=tokenizer, device=self.device,
+                               original_layer_ids=list(layer_ids), log=log)
+            record = stage.apply(model, ctx)
+            entry = {"step": spec.name, "kind": spec.kind, "record": asdict(record)}
+            self.state.store(index, spec.name, entry)
+        else:
+            log.info("resume: stage %s already done; replaying its record", spec.name)
+            stage.replay(model, entry["record"]["replay"])
+        for i in sorted(entry["record"]["removed_layers"], reverse=True):
+            del layer_ids[i]
+        if "metrics" not in entry:
+            entry["metrics"] = self.measure(spec.name, model, tokenizer)
+            self.state.store(index, spec.name, entry)
+        record = {"name": spec.name, **entry["record"]}
+        if spec.name in self.recipe.save:
+            self._save(spec.name, stage, model, tokenizer, [*records, record], layer_ids, entry)
+        row = {"step": spec.name, "summary": entry["record"]["summary"],
+               "stage_wall_s": entry["record"]["wall_s"], **entry["metrics"]}
+        if "checkpoint" in entry:
+            row["checkpoint"], row["disk_bytes"] = entry["checkpoint"], entry["disk_bytes"]
+        return row, record
+
+    def _save(self, name, stage, model, tokenizer, records, layer_ids, entry) -> None:
+        final = self.folder / "checkpoints" / name
+        if "checkpoint" in entry and final.exists():
+            log.info("resume: checkpoint %s already written", final)
+            return
+        save_checkpoint(model, tokenizer, final, self.provenance(name, records, list(layer_ids)),
+                        saver=getattr(stage, "save", None))
+        entry["checkpoint"] = str(final.relative_to(self.folder))
+        entry["disk_bytes"] = disk_bytes(final)
+        self.state.store(self._index_of(name), name, entry)
+
+    def _index_of(self, name: str) -> int:
+        return 1 + [s.name for s in self.recipe.stages].index(name)
+
+    def _report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        stages = []
+        for i, spec in enumerate(self.recipe.stages, start=1):
+            entry = self.state.load(i, spec.name)
+            if entry:
+                stages.append({"name": spec.name, **entry["record"]})
+        return {
+            "recipe": str(self.recipe.path), "output": str(self.final_folder),
+            "model": self.recipe.model, "source": self.source,
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "rows": rows, "stages": stages, "versions": _versions(),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        }
+
+
+def run_recipe(path: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Validate the recipe, run it, and return the report (also written to the output folder)."""
+    recipe = load_recipe(path)
+    return Pipeline(recipe, overwrite=overwrite, progress=progress).run()
+
+
+__all__ = ["run_recipe", "Pipeline", "PROVENANCE"]

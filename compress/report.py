@@ -1,0 +1,108 @@
+"""report.json (machine-readable), report.md (tables) and plots/*.png for a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compress.model_io import write_atomic
+
+COLUMNS = [  # (key, header, format)
+    ("step", "step", "{}"),
+    ("layers", "layers", "{}"),
+    ("params", "params (M)", "{:.2f}"),
+    ("weight_bytes", "weights (MiB)", "{:.1f}"),
+    ("ppl", "ppl", "{:.3f}"),
+    ("peak_memory_bytes", "peak mem (MiB)", "{:.0f}"),
+    ("stage_wall_s", "stage s", "{:.1f}"),
+    ("eval_wall_s", "eval s", "{:.1f}"),
+]
+_SCALE = {"params": 1e-6, "weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20}
+_DELTAS = ("params", "weight_bytes", "ppl")
+
+
+def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row plus ``<key>_delta_pct``: change vs the baseline row, in percent."""
+    base = rows[0]
+    out = []
+    for row in rows:
+        extra = {}
+        for key in _DELTAS:
+            if row.get(key) is not None and base.get(key):
+                extra[f"{key}_delta_pct"] = 100.0 * (row[key] - base[key]) / base[key]
+        out.append({**row, **extra})
+    return out
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    text = fmt.format(value * _SCALE.get(key, 1))
+    delta = row.get(f"{key}_delta_pct")
+    if delta is not None and row["step"] != "baseline":
+        text += f" ({delta:+.1f}%)"
+    return text
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The stage table as Markdown."""
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in with_deltas(rows):
+        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot_scores(stage: dict[str, Any], path: Path) -> bool:
+    """Bar chart of per-layer scores, removed layers highlighted. False if the stage has none."""
+    scores = stage.get("details", {}).get("scores")
+    if not scores:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    removed = set(stage["details"].get("removal_order", []))
+    fig, ax = plt.subplots(figsize=(max(6, len(scores) * 0.28), 3.6), dpi=120)
+    colors = ["tab:red" if i in removed else "tab:blue" for i in range(len(scores))]
+    ax.bar(range(len(scores)), scores, color=colors)
+    ax.set_xlabel("layer index (input to this stage)")
+    ax.set_ylabel(f"{stage['details'].get('metric')} score")
+    ax.set_title(f"{stage['name']}: per-layer {stage['details'].get('metric')} (red = removed)")
+    ax.set_xticks(range(len(scores)))
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def markdown(report: dict[str, Any], plots: list[str]) -> str:
+    rows = report["rows"]
+    ppl_data = next((r.get("ppl_data") for r in rows if r.get("ppl_data")), None)
+    parts = [f"# compress report: {Path(report['recipe']).name}", "",
+             f"Model `{report['model']}` on {report['device']} ({report['dtype']}); "
+             f"perplexity on {ppl_data or '(not evaluated)'}.", "", table(rows), ""]
+    for stage in report["stages"]:
+        parts.append(f"- **{stage['name']}**: {stage['summary']}")
+    parts.append("")
+    parts += [f"![{Path(p).stem}]({p})" for p in plots]
+    v = report["versions"]
+    parts += ["", f"compress {v['compress']}, torch {v['torch']}, transformers {v['transformers']}, "
+                  f"Python {v['python']}; {report['machine']['platform']}", ""]
+    return "\n".join(parts)
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    report = {**report, "rows": with_deltas(report["rows"])}
+    plots = []
+    for stage in report["stages"]:
+        rel = f"plots/{stage['name']}-scores.png"
+        if plot_scores(stage, folder / rel):
+            plots.append(rel)
+    write_atomic(folder / "report.json", json.dumps(report, indent=2, default=str))
+    write_atomic(folder / "report.md", markdown(report, plots))

@@ -1,0 +1,69 @@
+"""`compress score`: per-layer importance of a model, as a table, scores.json and a plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.data.sources import TextSource, load_texts, source_label
+from compress.data.tokens import calibration_batches, tokenize_documents
+from compress.errors import CompressError
+from compress.importance import DESCRIPTIONS, METRICS, lowest, metric_needs_calibration, score_layers
+from compress.model_io import load_model, read_config, resolve_device, resolve_dtype, model_facts, write_atomic
+from compress.report import plot_scores
+
+log = logging.getLogger("compress")
+
+
+@dataclass
+class LayerScores:
+    model: str
+    metric: str
+    scores: list[float]
+    data: str | None
+
+    def order(self) -> list[int]:
+        """Layers from least to most important."""
+        return lowest(self.scores, len(self.scores))
+
+    def table(self) -> str:
+        rank = {layer: r for r, layer in enumerate(self.order())}
+        lines = [f"{self.metric} per layer of {self.model} ({DESCRIPTIONS[self.metric]}; "
+                 f"data: {self.data or 'none'}); rank 0 = removed first",
+                 "layer  score       rank"]
+        lines += [f"{i:>5}  {s:<10.6f}  {rank[i]:>4}" for i, s in enumerate(self.scores)]
+        lines.append(f"removal order: {self.order()}")
+        return "\n".join(lines)
+
+
+def score_model(model: str, *, metric: str, data: str | None, dataset: str | None, split: str,
+                samples: int, seq_len: int, seed: int, dtype: str, device: str,
+                out: Path | None) -> LayerScores:
+    if metric not in METRICS:
+        raise CompressError(f"--metric: unknown metric {metric!r}; supported: {METRICS}")
+    source = None
+    if metric_needs_calibration(metric):
+        if (data is None) == (dataset is None):
+            raise CompressError("give exactly one of --data (local text) or --dataset (pg19 or a hub id)")
+        if data is not None and not Path(data).exists():
+            raise CompressError(f"--data: {data} does not exist")
+        source = TextSource(path=data, dataset=dataset, split=split)
+    local = Path(model).is_dir()
+    if not local and Path(model).exists():
+        raise CompressError(f"{model}: not a model folder")
+    config = read_config(model)
+    model_facts(config)
+    net, tokenizer = load_model(model, dtype=resolve_dtype(dtype, config), device=resolve_device(device))
+    batches = []
+    if source is not None:
+        need = samples * seq_len * 4
+        tokens = tokenize_documents(tokenizer, load_texts(source, need * 12), max_tokens=need)
+        batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1)
+    result = LayerScores(model, metric, score_layers(net, metric, batches), source_label(source) if source else None)
+    if out is not None:
+        write_atomic(out / "scores.json", json.dumps({**result.__dict__, "order": result.order()}, indent=2))
+        plot_scores({"name": Path(model).name, "details": {"scores": result.scores, "metric": metric,
+                                                          "removal_order": []}}, out / f"{metric}-scores.png")
+    return result

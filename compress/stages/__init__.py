@@ -1,0 +1,17 @@
+"""Stage registry: YAML name -> class. Adding a stage is one file and one line here."""
+
+from __future__ import annotations
+
+from compress.stages.layer_removal import LayerRemoval
+
+STAGES = {
+    LayerRemoval.name: LayerRemoval,
+}
+
+# Stages the recipe schema knows but this version cannot run yet: a clear error, never a skip.
+UNAVAILABLE = {
+    "gptq": "stage 'gptq' is not available yet in this version (GPTQ quantization is in progress); "
+            "remove it from the recipe to run the other stages",
+    "bnb4": "stage 'bnb4' is not available yet in this version (bitsandbytes 4-bit is in progress); "
+            "remove it from the recipe to run the other stages",
+}

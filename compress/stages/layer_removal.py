@@ -1,0 +1,111 @@
+"""Stage ``layer_removal``: score decoder layers and delete the least important ones (ShortGPT,
+Men et al. 2024, arXiv 2403.03853).
+
+Sample yaml::
+
+    - layer_removal: {metric: bi, remove: 9}       # or fraction: 0.27, or layers: [27, 26, 25]
+
+:param metric: how layers are scored (default ``bi``); lowest score is removed first. One of
+    bi, angular, relative_magnitude, ppl_drop, sequential, reverse.
+:param remove: how many layers to remove.
+:param fraction: share of layers to remove, rounded to the nearest count (0.27 x 32 -> 9).
+:param layers: explicit layer indices to remove (no scoring; calibration not needed).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from compress.importance import METRICS, lowest, metric_needs_calibration, score_layers
+from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
+from compress.surgery import remove_layers
+
+
+class LayerRemovalConfig(StageConfig):
+    metric: Literal[tuple(METRICS)] | None = None  # type: ignore[valid-type]
+    remove: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    layers: list[int] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        given = [k for k in ("remove", "fraction", "layers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of remove, fraction, layers (got {given or 'none'})")
+        if self.layers is not None and self.metric is not None:
+            raise ValueError("`metric` has no effect with an explicit `layers` list; drop one of them")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must be >= 0 (got {self.layers})")
+        return self
+
+
+class LayerRemoval:
+    name: ClassVar[str] = "layer_removal"
+    Config: ClassVar = LayerRemovalConfig
+    changes_depth: ClassVar[bool] = True
+    quantizes: ClassVar[bool] = False
+
+    def __init__(self, config: LayerRemovalConfig) -> None:
+        self.config = config
+        self.metric = config.metric or "bi"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.layers is None and metric_needs_calibration(self.metric)
+
+    def count(self, num_layers: int) -> int:
+        if self.config.layers is not None:
+            return len(self.config.layers)
+        if self.config.fraction is not None:
+            return int(round(self.config.fraction * num_layers))
+        return int(self.config.remove)
+
+    def layers_removed(self, num_layers: int) -> int:
+        return self.count(num_layers)
+
+    def check(self, facts: ModelFacts) -> list[str]:
+        n, errors = facts.num_layers, []
+        if facts.quantized:
+            errors.append("the model is quantized; remove layers before quantization")
+        if self.config.layers is not None:
+            bad = [i for i in self.config.layers if i >= n]
+            if bad:
+                errors.append(f"layers: {bad} out of range; the model has {n} layers here (0..{n - 1})")
+            if len(set(self.config.layers)) != len(self.config.layers):
+                errors.append(f"layers: repeated indices in {self.config.layers}")
+        key = next(k for k in ("remove", "fraction", "layers") if getattr(self.config, k) is not None)
+        k = self.count(n)
+        if k >= n:
+            errors.append(f"{key}: would remove {k} of {n} layers; at least one must remain (max {n - 1})")
+        if k == 0:
+            errors.append(f"fraction: {self.config.fraction} of {n} layers rounds to 0 layers")
+        return errors
+
+    def apply(self, model, ctx: StageContext) -> StageRecord:
+        start = time.perf_counter()
+        num_layers = model.config.num_hidden_layers
+        if self.config.layers is not None:
+            scores, chosen = None, sorted(self.config.layers)
+        else:
+            ctx.log.info("scoring %d layers with %s on %d calibration batches (%s)",
+                         num_layers, self.metric, len(ctx.calibration), ctx.device)
+            scores = score_layers(model, self.metric, ctx.calibration)
+            chosen = lowest(scores, self.count(num_layers))
+        original = [ctx.original_layer_ids[i] for i in chosen]
+        remove_layers(model, chosen)
+        return StageRecord(
+            stage=self.name,
+            summary=f"removed {len(chosen)} of {num_layers} layers by {self.metric if scores else 'list'}: "
+                    f"original indices {original}",
+            details={"metric": self.metric if scores else "explicit", "scores": scores,
+                     "removal_order": chosen, "removed_original": original},
+            replay={"remove": sorted(chosen)},
+            removed_layers=sorted(chosen),
+            wall_s=time.perf_counter() - start,
+        )
+
+    def replay(self, model, record: dict[str, Any]) -> None:
+        remove_layers(model, record["remove"])

@@ -1,0 +1,169 @@
+"""Architecture-aware model edits: remove decoder layers and keep the config consistent.
+
+Architecture differences are data (one table below), the edit is one generic loop. After
+``remove_layers`` the model is a plain ``transformers`` model again: ``save_pretrained`` writes a
+checkpoint that ``from_pretrained`` loads with no code of ours, and the KV cache (built from
+``config.layer_types`` / ``num_hidden_layers``) lines up with the renumbered ``layer_idx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where an architecture keeps its decoder layers and which config fields are per layer."""
+
+    layers_path: str  # attribute path from the *ForCausalLM model to the ModuleList
+    per_layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
+    layer_index_lists: tuple[str, ...] = ()  # config lists *of layer indices* (renumbered)
+
+
+_DECODER = LayerLayout("model.layers")
+_DECODER_MOE = LayerLayout("model.layers", layer_index_lists=("mlp_only_layers",))
+
+# model_type -> layout. Anything not listed is refused with the list of supported types.
+LAYOUTS: dict[str, LayerLayout] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "qwen2_moe": _DECODER_MOE,
+    "qwen3_moe": _DECODER_MOE,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "gemma3_text": _DECODER,
+    "phi3": _DECODER,
+    "smollm3": LayerLayout("model.layers", per_layer_lists=("layer_types", "no_rope_layers")),
+    "olmo2": _DECODER,
+    "gpt_neox": LayerLayout("gpt_neox.layers"),
+}
+
+
+def layout_for(config) -> LayerLayout:
+    """The layer layout of a model config, or a CompressError listing what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise CompressError(
+            f"model_type {model_type!r} is not supported for layer surgery; "
+            f"supported: {sorted(LAYOUTS)}"
+        )
+    return LAYOUTS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's ModuleList of decoder layers."""
+    obj: object = model
+    for name in layout_for(model.config).layers_path.split("."):
+        obj = getattr(obj, name)
+    assert isinstance(obj, nn.ModuleList)
+    return obj
+
+
+def _set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+    *parents, last = layout_for(model.config).layers_path.split(".")
+    obj: object = model
+    for name in parents:
+        obj = getattr(obj, name)
+    setattr(obj, last, layers)
+
+
+def check_layer_indices(indices: list[int], num_layers: int, keep_one: bool = True) -> list[int]:
+    """Validate indices of layers to remove; returns them sorted. Raises CompressError."""
+    bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:
+        raise CompressError(f"layer indices must be integers, got {bad}")
+    out_of_range = [i for i in indices if i < 0 or i >= num_layers]
+    if out_of_range:
+        raise CompressError(
+            f"layer indices {out_of_range} are out of range: the model has {num_layers} layers "
+            f"(valid: 0..{num_layers - 1})"
+        )
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise CompressError(f"layer indices {repeated} are repeated; list each layer once")
+    if keep_one and len(indices) >= num_layers:
+        raise CompressError(
+            f"cannot remove {len(indices)} of {num_layers} layers: at least one must remain"
+        )
+    return sorted(indices)
+
+
+def _renumber(layer: nn.Module, new_idx: int) -> None:
+    # Attention modules (and some decoder layers) carry layer_idx for the KV cache.
+    for module in layer.modules():
+        if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+            module.layer_idx = new_idx
+
+
+def slice_config(config, keep: list[int]) -> None:
+    """Make every per-layer field of ``config`` describe only the layers in ``keep`` (in place)."""
+    layout = layout_for(config)
+    old_n = config.num_hidden_layers
+    for name in layout.per_layer_lists:
+        values = getattr(config, name, None)
+        if values is None:
+            continue
+        if len(values) != old_n:
+            raise CompressError(
+                f"config.{name} has {len(values)} entries but num_hidden_layers is {old_n}"
+            )
+        setattr(config, name, [values[i] for i in keep])
+    new_index = {old: new for new, old in enumerate(keep)}
+    for name in layout.layer_index_lists:
+        values = getattr(config, name, None)
+        if values:
+            setattr(config, name, [new_index[i] for i in values if i in new_index])
+    config.num_hidden_layers = len(keep)
+
+
+def remove_layers(model: nn.Module, indices: list[int]) -> list[int]:
+    """Remove decoder layers ``indices`` (current numbering) from ``model`` in place.
+
+    Rebuilds the ModuleList, renumbers every ``layer_idx``, slices per-layer config lists and sets
+    ``num_hidden_layers``. Returns the kept indices (old numbering).
+    """
+    layers = decoder_layers(model)
+    remove = set(check_layer_indices(list(indices), len(layers)))
+    keep = [i for i in range(len(layers)) if i not in remove]
+    new_layers = nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(new_layers):
+        _renumber(layer, new_idx)
+    _set_decoder_layers(model, new_layers)
+    slice_config(model.config, keep)
+    return keep
+
+
+class _SkippedLayer(nn.Module):
+    """Stands in for a decoder layer and passes the hidden states through (identity residual)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class skip_layers:
+    """Context manager: run the model with some decoder layers replaced by the identity.
+
+    Used by the perplexity-drop metric. The model is unchanged afterwards. Only valid without a
+    KV cache (the skipped layers write nothing to it).
+    """
+
+    def __init__(self, model: nn.Module, indices: list[int]) -> None:
+        self.layers = decoder_layers(model)
+        self.indices = check_layer_indices(list(indices), len(self.layers), keep_one=False)
+        self.saved: dict[int, nn.Module] = {}
+
+    def __enter__(self) -> None:
+        for i in self.indices:
+            self.saved[i] = self.layers[i]
+            self.layers[i] = _SkippedLayer()
+
+    def __exit__(self, *exc) -> None:
+        for i, layer in self.saved.items():
+            self.layers[i] = layer

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="compress",
+    version="0.1.0",
+    description="Depth pruning (ShortGPT BI layer removal) + quantization for Hugging Face causal LMs, "
+                "with evaluation after every stage and loadable checkpoints",
+    packages=find_packages(include=["compress", "compress.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4.3,<1",
+        "pydantic>=2.7,<3",
+        "pyyaml>=6.0,<7",
+        "click>=8.1,<9",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "hub": ["datasets>=3.0,<6"],
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "datasets>=3.0,<6"],
+    },
+    entry_points={"console_scripts": ["compress=compress.cli:main"]},
+)
