@@ -1,0 +1,64 @@
+"""Perplexity: each token scored once, float32 log-softmax, equal to a direct computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compress.evaluate.perplexity import make_windows, perplexity
+from conftest import tiny_model
+
+TOKENS = torch.randint(1, 320, (70,), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(70, 16, 5), (70, 16, 1), (16, 16, 16), (17, 16, 8), (70, 16, 15)])
+def test_overlapping_windows_score_every_token_but_the_first_exactly_once(n, seq_len, stride):
+    scored = []
+    for w in make_windows(n, seq_len, stride):
+        assert 0 <= w.begin < w.target_from <= w.end <= n and w.end - w.begin <= seq_len
+        scored += range(w.target_from, w.end)
+    assert scored == list(range(1, n))
+
+
+def test_non_overlapping_windows_skip_each_window_start():
+    """stride == seq_len: the first token of a window has no context in it and is not scored."""
+    scored = [t for w in make_windows(70, 16, 16) for t in range(w.target_from, w.end)]
+    assert scored == [t for t in range(70) if t % 16 != 0]
+
+
+def direct_nll(model, tokens, seq_len) -> float:
+    """Independent: transformers' own loss per non-overlapping window, weighted by its targets."""
+    total, count = 0.0, 0
+    for begin in range(0, tokens.numel(), seq_len):
+        chunk = tokens[begin : begin + seq_len][None]
+        if chunk.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            loss = model(chunk, labels=chunk).loss.item()
+        total += loss * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return total / count
+
+
+def test_non_overlapping_perplexity_equals_model_loss():
+    model = tiny_model("llama", 3)
+    result = perplexity(model, TOKENS, seq_len=16, batch_size=3, progress=False)
+    # Non-overlapping windows score 69 - 4 first tokens of the later windows = 65 tokens.
+    assert result.tokens == 65
+    assert result.ppl == pytest.approx(math.exp(direct_nll(model, TOKENS, 16)), rel=1e-5)
+
+
+def test_batch_size_does_not_change_the_result():
+    model = tiny_model("llama", 3)
+    one = perplexity(model, TOKENS, seq_len=16, stride=8, batch_size=1, progress=False)
+    many = perplexity(model, TOKENS, seq_len=16, stride=8, batch_size=7, progress=False)
+    assert one.tokens == many.tokens == 69
+    assert one.nll == pytest.approx(many.nll, rel=1e-6)
+
+
+def test_bfloat16_model_is_scored_with_float32_log_softmax():
+    model = tiny_model("llama", 3).to(torch.bfloat16)
+    result = perplexity(model, TOKENS, seq_len=16, progress=False)
+    assert math.isfinite(result.ppl) and 100 < result.ppl < 2000  # random model: near vocab size 320
