@@ -190,20 +190,23 @@ def _parse_stage(index: int, entry: Any, errors: list[str]) -> tuple[str, StageC
         return None
 
 
-def _stage_specs(raw_stages: list[Any], errors: list[str]) -> list[StageSpec]:
-    specs, seen = [], {}
+def _stage_specs(raw_stages: list[Any], errors: list[str]) -> tuple[list[StageSpec], list[str]]:
+    """Valid stages, and the names of every stage entry (also those that failed validation)."""
+    specs, names, seen = [], [], {}
     for i, entry in enumerate(raw_stages):
         parsed = _parse_stage(i, entry, errors)
-        if parsed is None:
+        kind = next(iter(entry)) if isinstance(entry, dict) and len(entry) == 1 else None
+        if kind not in STAGES and kind not in UNAVAILABLE:
             continue
-        kind, config = parsed
         seen[kind] = seen.get(kind, 0) + 1
         name = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
-        specs.append(StageSpec(name, kind, config))
-    return specs
+        names.append(name)
+        if parsed is not None:
+            specs.append(StageSpec(name, kind, parsed[1]))
+    return specs, names
 
 
-def _check_chain(specs: list[StageSpec], top: _Top, errors: list[str]) -> None:
+def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: list[str]) -> None:
     quantized_at = None
     for i, spec in enumerate(specs):
         cls = STAGES[spec.kind]
@@ -216,7 +219,6 @@ def _check_chain(specs: list[StageSpec], top: _Top, errors: list[str]) -> None:
         if stage.needs_calibration and top.calibration is None:
             errors.append(f"stages[{i}].{spec.kind}: needs calibration data; add a top-level "
                           "`calibration: {dataset: pg19, samples: 128, seq_len: 2048}` (or `path:`)")
-    names = [s.name for s in specs]
     for j, name in enumerate(top.save or []):
         if name not in names:
             errors.append(f"save[{j}]: {name!r} is not a stage of this recipe; stages: {names}")
@@ -263,10 +265,11 @@ def load_recipe(path: str | Path) -> Recipe:
     except ValidationError as e:
         errors.extend(_pydantic_errors(e, ""))
         top = None
-    specs = _stage_specs(data.get("stages") or [], errors) if isinstance(data.get("stages"), list) else []
+    raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    specs, names = _stage_specs(raw_stages, errors)
     recipe = None
     if top is not None:
-        recipe = _build(top, specs, path, data, errors)
+        recipe = _build(top, specs, names, path, data, errors)
     if errors:
         listed = "\n".join(f"  - {m}" for m in dict.fromkeys(errors))
         raise CompressError(f"{path}: invalid recipe ({len(dict.fromkeys(errors))} problem(s)):\n{listed}")
@@ -274,9 +277,10 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe
 
 
-def _build(top: _Top, specs: list[StageSpec], path: Path, raw: dict, errors: list[str]) -> Recipe | None:
+def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw: dict,
+           errors: list[str]) -> Recipe | None:
     base = path.resolve().parent
-    _check_chain(specs, top, errors)
+    _check_chain(specs, names, top, errors)
     model, is_local = _resolve_model(top.model, base, errors)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", top.device):
         errors.append(f"device: {top.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
