@@ -10,6 +10,7 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",
         "transformers>=5.0,<6",
+        "accelerate>=1.0,<2",  # device_map: multi-GPU and CPU offload
         "safetensors>=0.4.3,<1",
         "pydantic>=2.7,<3",
         "pyyaml>=6.0,<7",
@@ -17,10 +18,10 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
         "numpy>=1.26,<3",
+        "datasets>=3.0,<6",  # imported only when a recipe names a hub dataset
     ],
     extras_require={
-        "hub": ["datasets>=3.0,<6"],
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "datasets>=3.0,<6"],
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -109,8 +109,9 @@ def source_info(model: str, is_local: bool, revision: str | None, config) -> dic
 
 
 def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
-               trust_remote_code: bool = False):
-    """(model, tokenizer) from a hub id or local folder; safetensors weights only."""
+               trust_remote_code: bool = False, device_map: str | dict | None = None):
+    """(model, tokenizer) from a hub id or local folder; safetensors weights only. With a
+    ``device_map`` accelerate places the weights (and ``device`` is where inputs go)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("loading %s (dtype %s) onto %s%s", model, str(dtype).removeprefix("torch."), device,
@@ -119,11 +120,13 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
         net = AutoModelForCausalLM.from_pretrained(
             model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=True, device_map=device_map,
         )
     except (OSError, ValueError) as e:
         raise CompressError(f"model {model!r}: cannot load it ({str(e).splitlines()[0]})") from None
-    return net.to(device).eval(), tokenizer
+    except ImportError as e:  # device_map needs accelerate
+        raise CompressError(f"model {model!r}: {e}") from None
+    return (net if device_map is not None else net.to(device)).eval(), tokenizer
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -165,7 +165,8 @@ class Pipeline:
         recipe = self.recipe
         self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
         model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=self.device,
-                                      revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
+                                      revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
+                                      device_map=recipe.device_map)
         log.info("model %s: %s, %d layers, %s on %s", recipe.model, self.facts.model_type,
                  self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device)
         rows, records = [self._baseline(model, tokenizer)], []

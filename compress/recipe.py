@@ -64,6 +64,7 @@ class _Top(_Strict):
     revision: str | None = None
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
     device: str = "auto"
+    device_map: str | dict[str, Any] | None = None  # passed to accelerate (multi-GPU, CPU offload)
     trust_remote_code: bool = False
     output: str
     calibration: CalibrationConfig | None = None
@@ -87,6 +88,7 @@ class Recipe:
     revision: str | None
     dtype: str
     device: str
+    device_map: str | dict[str, Any] | None
     trust_remote_code: bool
     output: Path
     calibration: CalibrationConfig | None
@@ -292,7 +294,8 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     evaluate = top.evaluate.model_copy(update={"perplexity": ppl})
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,
-        dtype=top.dtype, device=top.device, trust_remote_code=top.trust_remote_code, output=output,
+        dtype=top.dtype, device=top.device, device_map=top.device_map,
+        trust_remote_code=top.trust_remote_code, output=output,
         calibration=calibration, evaluate=evaluate, stages=specs,
         save=list(top.save) if top.save is not None else ([specs[-1].name] if specs else []),
         raw=raw,

@@ -115,3 +115,13 @@ def assets() -> Path:
         if proc.returncode != 0:
             pytest.skip(f"could not fetch the assets: {proc.stderr.strip().splitlines()[-1:]}")
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip with a reason on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

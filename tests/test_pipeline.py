@@ -1,0 +1,163 @@
+"""`compress run` end to end on a tiny model: report, loadable checkpoint, provenance, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+import compress.importance as importance
+import compress.pipeline as pipeline
+from compress.cli import main
+from compress.errors import CompressError
+from compress.model_io import content_hash
+from compress.pipeline import run_recipe
+from compress.surgery import decoder_layers
+
+IDS = torch.randint(1, 320, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model_dir, text_file) -> Path:
+    body = {
+        "model": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "output": "run",
+        "calibration": {"path": str(text_file), "samples": 4, "seq_len": 16, "label": "tiny book"},
+        "evaluate": {"perplexity": {"path": str(text_file), "seq_len": 32, "max_tokens": 256}},
+        "stages": [{"layer_removal": {"metric": "bi", "remove": 2}}],
+    }
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def skipped_logits(model_dir: Path, skip: list[int]) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    handles = [decoder_layers(model)[i].register_forward_hook(lambda m, a, o: a[0]) for i in skip]
+    with torch.no_grad():
+        out = model(IDS).logits
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_run_writes_report_and_a_checkpoint_transformers_loads(recipe, tiny_model_dir, tmp_path):
+    before = content_hash(tiny_model_dir)
+    report = run_recipe(recipe, progress=False)
+    run = tmp_path / "run"
+    rows = report["rows"]
+    assert [r["step"] for r in rows] == ["baseline", "layer_removal"]
+    assert [r["layers"] for r in rows] == [5, 3]
+    assert rows[1]["params"] < rows[0]["params"] and rows[0]["ppl"] > 1 and rows[1]["ppl"] > 1
+    assert rows[1]["ppl_tokens"] == rows[0]["ppl_tokens"] > 0
+    assert json.loads((run / "report.json").read_text())["rows"][1]["layers"] == 3
+    assert "| layer_removal | 3 |" in (run / "report.md").read_text()
+    assert (run / "plots" / "layer_removal-scores.png").stat().st_size > 1000
+
+    ckpt = run / "checkpoints" / "layer_removal"
+    prov = json.loads((ckpt / "compress.json").read_text())
+    removed = prov["removed_layers"]
+    assert len(removed) == 2 and prov["kept_layers"] == [i for i in range(5) if i not in removed]
+    scores = prov["stages"][0]["details"]["scores"]
+    assert sorted(removed) == sorted(sorted(range(5), key=lambda i: scores[i])[:2])
+    assert prov["source"]["content_sha256"] == before and prov["versions"]["transformers"]
+
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == 3
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, skipped_logits(tiny_model_dir, removed),
+                                   rtol=1e-5, atol=1e-5)
+    assert (ckpt / "tokenizer.json").exists() and (ckpt / "generation_config.json").exists()
+    assert content_hash(tiny_model_dir) == before  # the input model is never written
+    assert not list(run.glob("checkpoints/.tmp-*"))
+
+
+def test_rerun_resumes_without_redoing_work(recipe, tmp_path, monkeypatch):
+    first = run_recipe(recipe, progress=False)
+
+    def boom(*a, **k):
+        raise AssertionError("a finished step was redone")
+    monkeypatch.setattr(importance, "score_layers", boom)
+    monkeypatch.setattr(pipeline, "perplexity", boom)
+    monkeypatch.setattr("compress.stages.layer_removal.score_layers", boom)
+    second = run_recipe(recipe, progress=False)
+    assert [r["ppl"] for r in second["rows"]] == [r["ppl"] for r in first["rows"]]
+
+
+def test_crash_after_a_stage_resumes_from_its_record(recipe, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = pipeline.perplexity
+
+    def crash_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash during the evaluation after the stage")
+        return real(*a, **k)
+    monkeypatch.setattr(pipeline, "perplexity", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe, progress=False)
+    assert not (tmp_path / "run" / "checkpoints" / "layer_removal").exists()
+
+    monkeypatch.setattr(pipeline, "perplexity", real)
+    monkeypatch.setattr("compress.stages.layer_removal.score_layers",
+                        lambda *a, **k: pytest.fail("scores were recomputed on resume"))
+    resumed = run_recipe(recipe, progress=False)
+
+    fresh_recipe = recipe.with_name("fresh.yaml")
+    fresh_recipe.write_text(recipe.read_text().replace("output: run", "output: fresh"))
+    monkeypatch.undo()
+    fresh = run_recipe(fresh_recipe, progress=False)
+    assert [r["ppl"] for r in resumed["rows"]] == pytest.approx([r["ppl"] for r in fresh["rows"]], rel=1e-9)
+    a = (tmp_path / "run/checkpoints/layer_removal/model.safetensors").read_bytes()
+    b = (tmp_path / "fresh/checkpoints/layer_removal/model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_output_of_another_recipe_is_refused_unless_overwrite(recipe, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(CompressError, match="is not empty and holds no run of this recipe"):
+        run_recipe(recipe, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+    run_recipe(recipe, overwrite=True, progress=False)
+    assert not (out / "precious.txt").exists() and (out / "report.json").exists()
+    assert not (tmp_path / ".run.new").exists()
+
+
+def test_cli_run_prints_the_stage_table(recipe):
+    result = CliRunner().invoke(main, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "| baseline | 5 |" in result.output and "| layer_removal | 3 |" in result.output
+
+
+def test_cli_inspect_shows_provenance(recipe, tmp_path):
+    run_recipe(recipe, progress=False)
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "run/checkpoints/layer_removal")])
+    assert result.exit_code == 0, result.output
+    assert "kept 3 of 5; removed (original indices) [" in result.output
+
+
+def test_chained_removals_record_original_indices(recipe, tmp_path):
+    body = yaml.safe_load(recipe.read_text())
+    body["stages"] = [{"layer_removal": {"layers": [0]}}, {"layer_removal": {"layers": [0, 2]}}]
+    body["save"] = ["layer_removal_2"]
+    recipe.write_text(yaml.safe_dump(body))
+    report = run_recipe(recipe, progress=False)
+    assert [r["layers"] for r in report["rows"]] == [5, 4, 2]
+    prov = json.loads((tmp_path / "run/checkpoints/layer_removal_2/compress.json").read_text())
+    assert prov["removed_layers"] == [0, 1, 3] and prov["kept_layers"] == [2, 4]
+
+
+def test_score_command_prints_table_and_writes_plot(tiny_model_dir, text_file, tmp_path):
+    result = CliRunner().invoke(main, ["score", str(tiny_model_dir), "--metric", "bi", "--data", str(text_file),
+                                       "--samples", "4", "--seq-len", "16", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "s/scores.json").read_text())
+    assert len(scores["scores"]) == 5 and sorted(scores["order"]) == list(range(5))
+    assert (tmp_path / "s/bi-scores.png").exists()
+    assert "removal order: " in result.output
