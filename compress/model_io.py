@@ -14,26 +14,19 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from compress.errors import CompressError
+from compress.faults import crash_point
 from compress.stages.base import ModelFacts
 from compress.surgery import LAYOUTS
 
 log = logging.getLogger("compress")
 PROVENANCE = "compress.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    source: dict[str, Any]  # id, revision/commit, content hash, compress.json of the input if any
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,25 +101,88 @@ def source_info(model: str, is_local: bool, revision: str | None, config) -> dic
     return info
 
 
+def local_model_dir(model: str, base: Path | None = None) -> Path | None:
+    """The folder ``model`` names, if it is meant as a local path; None for a hub id.
+    CompressError when it looks like a path but is no model folder."""
+    explicit = model.startswith(("/", "./", "../", "~"))
+    path = ((base or Path.cwd()) / Path(model).expanduser()).resolve()
+    if not (explicit or path.exists()):
+        return None
+    if not path.exists():
+        raise CompressError(f"model: local model folder {path} does not exist")
+    if not path.is_dir():
+        raise CompressError(f"model: {path} is a file; give the model's folder")
+    if not (path / "config.json").exists():
+        raise CompressError(f"model: {path} holds no config.json; is it a Hugging Face model folder?")
+    return path
+
+
+def _weights_error(model: str, err: Exception, allow_pickle: bool) -> CompressError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    hint = ""
+    if not allow_pickle and "model.safetensors" in text:
+        hint = (" Only safetensors weights are read by default; to load pickle (.bin) weights with "
+                "torch.load(weights_only=True), set `allow_pickle_weights: true` in the recipe.")
+    return CompressError(f"model {model!r}: cannot load its weights ({text}).{hint}")
+
+
 def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
-               trust_remote_code: bool = False, device_map: str | dict | None = None):
-    """(model, tokenizer) from a hub id or local folder; safetensors weights only. With a
-    ``device_map`` accelerate places the weights (and ``device`` is where inputs go)."""
+               trust_remote_code: bool = False, device_map: str | dict | None = None,
+               allow_pickle: bool = False):
+    """(model, tokenizer) from a hub id or local folder; safetensors weights only unless
+    ``allow_pickle``. With a ``device_map`` accelerate places the weights."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("loading %s (dtype %s) onto %s%s", model, str(dtype).removeprefix("torch."), device,
-             " with trust_remote_code" if trust_remote_code else "")
+    log.info("loading %s (dtype %s) onto %s%s", model, str(dtype).removeprefix("torch."),
+             device_map or device, " with trust_remote_code" if trust_remote_code else "")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise CompressError(f"model {model!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    try:
         net = AutoModelForCausalLM.from_pretrained(
             model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=True, device_map=device_map,
+            use_safetensors=None if allow_pickle else True, device_map=device_map,
         )
-    except (OSError, ValueError) as e:
-        raise CompressError(f"model {model!r}: cannot load it ({str(e).splitlines()[0]})") from None
-    except ImportError as e:  # device_map needs accelerate
-        raise CompressError(f"model {model!r}: {e}") from None
+    except (OSError, ValueError, SafetensorError, ImportError) as e:
+        raise _weights_error(model, e, allow_pickle) from None
     return (net if device_map is not None else net.to(device)).eval(), tokenizer
+
+
+def estimated_weight_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes the model's weights take in ``dtype``, from its config alone (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in net.parameters()) * torch.finfo(dtype).bits // 8
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(config, dtype: torch.dtype, device: torch.device) -> int:
+    """CompressError before loading if the weights alone exceed the free memory of ``device``."""
+    need = estimated_weight_bytes(config, dtype)
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise CompressError(
+            f"the model needs about {need / 2**30:.1f} GiB for its weights in "
+            f"{str(dtype).removeprefix('torch.')}, but {device} has {free / 2**30:.1f} GiB free; "
+            "use a smaller dtype, another device, or `device_map: auto` to offload"
+        )
+    return need
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -163,6 +219,7 @@ def save_checkpoint(model, tokenizer, final: Path, provenance: dict[str, Any], s
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_atomic(tmp / PROVENANCE, json.dumps(provenance, indent=2, default=str))
+        crash_point("checkpoint")
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,9 +28,10 @@ from compress import __version__
 from compress.data.sources import load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
+from compress.faults import crash_point
 from compress.evaluate.memory import PeakMemory, disk_bytes, parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
-from compress.model_io import (PROVENANCE, load_model, model_facts, read_config, replace_dir,
+from compress.model_io import (PROVENANCE, check_fits, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
 from compress.recipe import Recipe, check_against_model, load_recipe
 from compress.report import write_report
@@ -72,6 +73,8 @@ def prepare_output(recipe: Recipe, overwrite: bool) -> Path:
             "choose another output folder, or pass --overwrite to replace it once the new run completes"
         )
     work.mkdir(parents=True, exist_ok=True)
+    for stale in [*work.glob("checkpoints/.tmp-*"), *work.glob("checkpoints/.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while writing a checkpoint
     if not (work / RUN_FILE).exists():
         write_atomic(work / RUN_FILE, json.dumps({**ours, "created": time.time()}, indent=2))
     return work
@@ -105,6 +108,8 @@ class Pipeline:
         check_against_model(recipe, self.facts)
         self.device = resolve_device(recipe.device)
         self.dtype = resolve_dtype(recipe.dtype, self.config)
+        if recipe.device_map is None:
+            check_fits(self.config, self.dtype, self.device)
         self.folder = prepare_output(recipe, overwrite)
         self.final_folder = recipe.output
         self.state = RunState(self.folder)
@@ -143,6 +148,7 @@ class Pipeline:
                                     self.device, self.progress)
             metrics.update(ppl=result.ppl, ppl_tokens=result.tokens, ppl_data=source_label(ppl_cfg),
                            peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind)
+            crash_point("evaluation")
         metrics["eval_wall_s"] = time.perf_counter() - start
         return metrics
 
@@ -151,12 +157,13 @@ class Pipeline:
         return name in after or (name != "baseline" and "every_stage" in after)
 
     def provenance(self, stage_name: str, records: list[dict[str, Any]], kept: list[int]) -> dict[str, Any]:
-        all_ids = list(range(self.facts.num_layers))
+        original = (self.source.get("compress") or {}).get("original_num_layers", self.facts.num_layers)
+        all_ids = list(range(original))
         return {
             "format": 1, "created_by": f"compress {__version__}", "stage": stage_name,
             "recipe": self.recipe.raw, "recipe_path": str(self.recipe.path),
             "recipe_fingerprint": self.recipe.fingerprint(), "source": self.source,
-            "original_num_layers": self.facts.num_layers, "kept_layers": kept,
+            "original_num_layers": original, "kept_layers": kept,
             "removed_layers": [i for i in all_ids if i not in kept],
             "stages": records, "versions": _versions(),
         }
@@ -166,11 +173,11 @@ class Pipeline:
         self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
         model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=self.device,
                                       revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                      device_map=recipe.device_map)
+                                      device_map=recipe.device_map, allow_pickle=recipe.allow_pickle_weights)
         log.info("model %s: %s, %d layers, %s on %s", recipe.model, self.facts.model_type,
                  self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device)
         rows, records = [self._baseline(model, tokenizer)], []
-        layer_ids = list(range(self.facts.num_layers))
+        layer_ids = self.input_layer_ids()
         for index, spec in enumerate(recipe.stages, start=1):
             row, record = self._stage(index, spec, model, tokenizer, layer_ids, records)
             rows.append(row)
@@ -181,6 +188,14 @@ class Pipeline:
         if self.folder != self.final_folder:
             replace_dir(self.folder, self.final_folder)
         return report
+
+    def input_layer_ids(self) -> list[int]:
+        """Original indices of the input's layers: 0..L-1, or those a compress checkpoint kept."""
+        prior = self.source.get("compress") or {}
+        kept = prior.get("kept_layers")
+        if kept and len(kept) == self.facts.num_layers:
+            return list(kept)
+        return list(range(self.facts.num_layers))
 
     def _baseline(self, model, tokenizer) -> dict[str, Any]:
         entry = self.state.load(0, "baseline")
@@ -200,6 +215,7 @@ class Pipeline:
                                tokenizer=tokenizer, device=self.device,
                                original_layer_ids=list(layer_ids), log=log)
             record = stage.apply(model, ctx)
+            crash_point("stage")
             entry = {"step": spec.name, "kind": spec.kind, "record": asdict(record)}
             self.state.store(index, spec.name, entry)
         else:
@@ -242,6 +258,10 @@ class Pipeline:
         return {
             "recipe": str(self.recipe.path), "output": str(self.final_folder),
             "model": self.recipe.model, "source": self.source,
+            "trust_remote_code": self.recipe.trust_remote_code,
+            "paths": {"calibration": self.recipe.calibration.path if self.recipe.calibration else None,
+                      "perplexity": (self.recipe.evaluate.perplexity.path
+                                     if self.recipe.evaluate.perplexity else None)},
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "rows": rows, "stages": stages, "versions": _versions(),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -252,7 +272,14 @@ class Pipeline:
 def run_recipe(path: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Validate the recipe, run it, and return the report (also written to the output folder)."""
     recipe = load_recipe(path)
-    return Pipeline(recipe, overwrite=overwrite, progress=progress).run()
+    pipeline = Pipeline(recipe, overwrite=overwrite, progress=progress)
+    try:
+        return pipeline.run()
+    except torch.OutOfMemoryError as e:
+        raise CompressError(
+            f"out of memory on {pipeline.device}: {str(e).splitlines()[0]}. Finished steps are kept: "
+            "lower batch_size / seq_len / samples, or set `device_map: auto`, then run again to resume"
+        ) from None
 
 
 __all__ = ["run_recipe", "Pipeline", "PROVENANCE"]

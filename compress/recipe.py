@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from compress.data.sources import TextSource
 from compress.errors import CompressError
+from compress.model_io import local_model_dir
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
 
@@ -66,6 +67,7 @@ class _Top(_Strict):
     device: str = "auto"
     device_map: str | dict[str, Any] | None = None  # passed to accelerate (multi-GPU, CPU offload)
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # read .bin weights (torch.load weights_only=True)
     output: str
     calibration: CalibrationConfig | None = None
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -90,6 +92,7 @@ class Recipe:
     device: str
     device_map: str | dict[str, Any] | None
     trust_remote_code: bool
+    allow_pickle_weights: bool
     output: Path
     calibration: CalibrationConfig | None
     evaluate: EvaluateConfig
@@ -231,14 +234,13 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
 
 
 def _resolve_model(model: str, base: Path, errors: list[str]) -> tuple[str, bool]:
-    explicit = model.startswith(("/", "./", "../", "~"))
-    candidate = (base / Path(model).expanduser()).resolve()
-    if explicit or candidate.exists():
-        if not candidate.is_dir():
-            errors.append(f"model: local model directory {candidate} does not exist")
-        elif not (candidate / "config.json").exists():
-            errors.append(f"model: {candidate} holds no config.json; is it a Hugging Face model folder?")
-        return str(candidate), True
+    try:
+        local = local_model_dir(model, base)
+    except CompressError as e:
+        errors.append(str(e))
+        return model, True
+    if local is not None:
+        return str(local), True
     if not _HUB_ID.match(model):
         errors.append(f"model: {model!r} is neither an existing local folder nor a hub id (org/name)")
     return model, False
@@ -295,7 +297,8 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,
         dtype=top.dtype, device=top.device, device_map=top.device_map,
-        trust_remote_code=top.trust_remote_code, output=output,
+        trust_remote_code=top.trust_remote_code, allow_pickle_weights=top.allow_pickle_weights,
+        output=output,
         calibration=calibration, evaluate=evaluate, stages=specs,
         save=list(top.save) if top.save is not None else ([specs[-1].name] if specs else []),
         raw=raw,

@@ -11,7 +11,8 @@ from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.importance import DESCRIPTIONS, METRICS, lowest, metric_needs_calibration, score_layers
-from compress.model_io import load_model, read_config, resolve_device, resolve_dtype, model_facts, write_atomic
+from compress.model_io import (load_model, local_model_dir, model_facts, read_config, resolve_device,
+                               resolve_dtype, write_atomic)
 from compress.report import plot_scores
 
 log = logging.getLogger("compress")
@@ -50,9 +51,8 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
         if data is not None and not Path(data).exists():
             raise CompressError(f"--data: {data} does not exist")
         source = TextSource(path=data, dataset=dataset, split=split)
-    local = Path(model).is_dir()
-    if not local and Path(model).exists():
-        raise CompressError(f"{model}: not a model folder")
+    local = local_model_dir(model)
+    model = str(local) if local else model
     config = read_config(model)
     model_facts(config)
     net, tokenizer = load_model(model, dtype=resolve_dtype(dtype, config), device=resolve_device(device))

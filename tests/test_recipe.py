@@ -80,7 +80,7 @@ def test_relative_paths_and_env_vars_resolve_against_the_recipe_file(tmp_path, g
     (lambda r: r["evaluate"].update(after=["baseline", "later"]), "evaluate.after[1]: 'later' is not one of"),
     (lambda r: r["calibration"].update(path="missing.txt"), "missing.txt does not exist"),
     (lambda r: r["calibration"].update(dataset="pg19"), "calibration: give exactly one of `dataset`"),
-    (lambda r: r.update(model="./no-such-model"), "model: local model directory"),
+    (lambda r: r.update(model="./no-such-model"), "model: local model folder"),
     (lambda r: r.update(model="not a hub id!"), "model: 'not a hub id!' is neither an existing local folder nor a hub id"),
     (lambda r: r.update(device="tpu"), "device: 'tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     (lambda r: r.update(calibration=None), "stages[0].layer_removal: needs calibration data"),

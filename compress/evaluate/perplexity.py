@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 
+
 @dataclass(frozen=True)
 class Window:
     begin: int  # first input token

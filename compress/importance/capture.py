@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from compress.faults import crash_point
 from compress.surgery import decoder_layers
 
 
@@ -52,6 +53,7 @@ def capture_layer_statistics(model, batches: list[dict[str, torch.Tensor]],
             current_mask[:] = [batch["attention_mask"].to(device)]
             model.base_model(input_ids=batch["input_ids"].to(device),
                              attention_mask=current_mask[0], use_cache=False)
+            crash_point("scoring")
     finally:
         for h in handles:
             h.remove()
