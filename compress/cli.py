@@ -87,13 +87,16 @@ def validate(recipe: Path) -> None:
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for scores.json and the plot.")
+@click.option("--layerwise", is_flag=True,
+              help="Keep weights on the CPU and run one layer at a time on --device (large models).")
 @user_errors
-def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out) -> None:
+def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out, layerwise) -> None:
     """Score every decoder layer of MODEL (no changes); prints a table, writes a plot."""
     from compress.scoring import score_model
 
     result = score_model(model, metric=metric, data=data, dataset=dataset, split=split,
-                         samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out)
+                         samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out,
+                         layerwise=layerwise)
     click.echo(result.table())
     if out:
         click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")

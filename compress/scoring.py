@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
@@ -41,7 +43,9 @@ class LayerScores:
 
 def score_model(model: str, *, metric: str, data: str | None, dataset: str | None, split: str,
                 samples: int, seq_len: int, seed: int, dtype: str, device: str,
-                out: Path | None) -> LayerScores:
+                out: Path | None, layerwise: bool = False) -> LayerScores:
+    """Score the layers of ``model``. ``layerwise``: keep the weights on the CPU and run one layer at
+    a time on ``device`` (for models larger than the accelerator)."""
     if metric not in METRICS:
         raise CompressError(f"--metric: unknown metric {metric!r}; supported: {METRICS}")
     source = None
@@ -55,13 +59,16 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
     model = str(local) if local else model
     config = read_config(model)
     model_facts(config)
-    net, tokenizer = load_model(model, dtype=resolve_dtype(dtype, config), device=resolve_device(device))
+    run_on = resolve_device(device)
+    net, tokenizer = load_model(model, dtype=resolve_dtype(dtype, config),
+                                device=torch.device("cpu") if layerwise else run_on)
     batches = []
     if source is not None:
         need = samples * seq_len * 4
         tokens = tokenize_documents(tokenizer, load_texts(source, need * 12), max_tokens=need)
         batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1)
-    result = LayerScores(model, metric, score_layers(net, metric, batches), source_label(source) if source else None)
+    scores = score_layers(net, metric, batches, layerwise_on=run_on if layerwise else None)
+    result = LayerScores(model, metric, scores, source_label(source) if source else None)
     if out is not None:
         write_atomic(out / "scores.json", json.dumps({**result.__dict__, "order": result.order()}, indent=2))
         plot_scores({"name": Path(model).name, "details": {"scores": result.scores, "metric": metric,

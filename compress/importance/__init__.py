@@ -13,6 +13,7 @@ from compress.importance.capture import capture_layer_statistics
 from compress.importance.order import reverse_scores, sequential_scores
 from compress.importance.ppl_drop import ppl_drop_scores
 from compress.importance.relative_magnitude import RelativeMagnitude
+from compress.layerwise import run_layerwise
 from compress.surgery import decoder_layers
 
 ACTIVATION_METRICS = {cls.name: cls for cls in (BlockInfluence, AngularDistance, RelativeMagnitude)}
@@ -36,17 +37,25 @@ def metric_needs_calibration(metric: str) -> bool:
 
 
 def score_layers(model, metric: str, batches: list[dict[str, torch.Tensor]],
-                 progress: bool = True) -> list[float]:
-    """One score per decoder layer of ``model`` (current numbering); lowest = least important."""
+                 progress: bool = True, layerwise_on: torch.device | None = None) -> list[float]:
+    """One score per decoder layer of ``model`` (current numbering); lowest = least important.
+
+    ``layerwise_on``: run layer by layer on that device (see compress.layerwise) instead of one
+    full forward per batch; the scores are the same, peak accelerator memory is one layer."""
     num_layers = len(decoder_layers(model))
     if metric in ORDER_METRICS:
         return ORDER_METRICS[metric](num_layers)
     if metric == "ppl_drop":
+        if layerwise_on is not None:
+            raise ValueError("ppl_drop needs full forward passes; it has no layer-wise mode")
         return ppl_drop_scores(model, batches, progress)
     if metric not in ACTIVATION_METRICS:
         raise ValueError(f"unknown metric {metric!r}; supported: {METRICS}")
     stat = ACTIVATION_METRICS[metric](num_layers)
-    capture_layer_statistics(model, batches, [stat], progress)
+    if layerwise_on is not None:
+        run_layerwise(model, batches, stat.update, layerwise_on, progress=progress)
+    else:
+        capture_layer_statistics(model, batches, [stat], progress)
     return stat.scores()
 
 

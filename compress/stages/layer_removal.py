@@ -10,6 +10,9 @@ Sample yaml::
 :param remove: how many layers to remove.
 :param fraction: share of layers to remove, rounded to the nearest count (0.27 x 32 -> 9).
 :param layers: explicit layer indices to remove (no scoring; calibration not needed).
+:param execution: ``auto`` (default: layer by layer when the model's weights are not on the run's
+    device, e.g. kept on the CPU because they do not fit the GPU), ``full`` or ``layerwise``.
+    Both give the same scores.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class LayerRemovalConfig(StageConfig):
     remove: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
     layers: list[int] | None = Field(None, min_length=1)
+    execution: Literal["auto", "full", "layerwise"] = "auto"
 
     @model_validator(mode="after")
     def _one_amount(self):
@@ -39,6 +43,8 @@ class LayerRemovalConfig(StageConfig):
             raise ValueError("`metric` has no effect with an explicit `layers` list; drop one of them")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ValueError(f"layers must be >= 0 (got {self.layers})")
+        if self.execution == "layerwise" and self.metric == "ppl_drop":
+            raise ValueError("metric ppl_drop needs full forward passes; use execution: full or auto")
         return self
 
 
@@ -55,6 +61,14 @@ class LayerRemoval:
     @property
     def needs_calibration(self) -> bool:
         return self.config.layers is None and metric_needs_calibration(self.metric)
+
+    def layerwise_device(self, model, device):
+        """The device to run layer by layer on, or None for the full-model path."""
+        execution = self.config.execution
+        if execution == "auto":
+            on_device = next(model.parameters()).device == device
+            execution = "full" if on_device or self.metric == "ppl_drop" else "layerwise"
+        return device if execution == "layerwise" else None
 
     def count(self, num_layers: int) -> int:
         if self.config.layers is not None:
@@ -92,7 +106,8 @@ class LayerRemoval:
         else:
             ctx.log.info("scoring %d layers with %s on %d calibration batches (%s)",
                          num_layers, self.metric, len(ctx.calibration), ctx.device)
-            scores = score_layers(model, self.metric, ctx.calibration)
+            scores = score_layers(model, self.metric, ctx.calibration,
+                                  layerwise_on=self.layerwise_device(model, ctx.device))
             chosen = lowest(scores, self.count(num_layers))
         original = [ctx.original_layer_ids[i] for i in chosen]
         remove_layers(model, chosen)
