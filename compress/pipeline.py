@@ -30,6 +30,7 @@ from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.faults import crash_point
 from compress.evaluate.memory import PeakMemory, disk_bytes, parameter_count, weight_bytes
+from compress.evaluate.latency import measure_latency
 from compress.evaluate.perplexity import perplexity
 from compress.model_io import (PROVENANCE, check_fits, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
@@ -149,8 +150,28 @@ class Pipeline:
             metrics.update(ppl=result.ppl, ppl_tokens=result.tokens, ppl_data=source_label(ppl_cfg),
                            peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind)
             crash_point("evaluation")
+        if self.recipe.evaluate.efficiency is not None and self.should_evaluate(step):
+            metrics.update(self.efficiency(model))
         metrics["eval_wall_s"] = time.perf_counter() - start
         return metrics
+
+    def efficiency(self, model) -> dict[str, Any]:
+        """Prefill / decode latency with plain generate, and with the fast path if asked for."""
+        cfg = self.recipe.evaluate.efficiency
+        args = dict(prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens,
+                    batch_size=cfg.batch_size, repeats=cfg.repeats)
+        plain = measure_latency(model, **args)
+        out = {"prefill_ms": plain.prefill_ms, "prefill_ms_p90": plain.prefill_ms_p90,
+               "decode_tok_s": plain.decode_tok_s, "decode_tok_s_p90": plain.decode_tok_s_p90,
+               "latency_setting": f"P={cfg.prompt_tokens} N={cfg.new_tokens} B={cfg.batch_size}"}
+        if cfg.fast_path:
+            try:
+                fast = measure_latency(model, **args, fast=True)
+                out["decode_tok_s_fast"] = fast.decode_tok_s
+            except Exception as e:  # reported in the row, never hidden
+                out["fast_path_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("fast decode path failed, plain generate reported only: %s", out["fast_path_error"])
+        return out
 
     def should_evaluate(self, name: str) -> bool:
         after = self.recipe.evaluate.after

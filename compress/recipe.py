@@ -55,9 +55,18 @@ class PerplexityConfig(TextSource):
         return self
 
 
+class EfficiencyConfig(_Strict):
+    prompt_tokens: int = Field(512, ge=1)
+    new_tokens: int = Field(128, ge=2)
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(5, ge=1)
+    fast_path: bool = True  # also time decoding with a static KV cache
+
+
 class EvaluateConfig(_Strict):
     after: list[str] = ["baseline", "every_stage"]
     perplexity: PerplexityConfig | None = None
+    efficiency: EfficiencyConfig | None = None
 
 
 class _Top(_Strict):

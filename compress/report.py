@@ -14,12 +14,15 @@ COLUMNS = [  # (key, header, format)
     ("params", "params (M)", "{:.2f}"),
     ("weight_bytes", "weights (MiB)", "{:.1f}"),
     ("ppl", "ppl", "{:.3f}"),
+    ("disk_bytes", "disk (MiB)", "{:.1f}"),
     ("peak_memory_bytes", "peak mem (MiB)", "{:.0f}"),
+    ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("stage_wall_s", "stage s", "{:.1f}"),
     ("eval_wall_s", "eval s", "{:.1f}"),
 ]
-_SCALE = {"params": 1e-6, "weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20}
-_DELTAS = ("params", "weight_bytes", "ppl")
+_SCALE = {"params": 1e-6, "weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20, "disk_bytes": 1 / 2**20}
+_DELTAS = ("params", "weight_bytes", "ppl", "prefill_ms", "decode_tok_s")
 
 
 def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,11 +50,11 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The stage table as Markdown."""
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+    """The stage table as Markdown (columns that no row has are left out)."""
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in with_deltas(rows):
-        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
     return "\n".join(lines)
 
 

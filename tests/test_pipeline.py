@@ -161,3 +161,22 @@ def test_score_command_prints_table_and_writes_plot(tiny_model_dir, text_file, t
     assert len(scores["scores"]) == 5 and sorted(scores["order"]) == list(range(5))
     assert (tmp_path / "s/bi-scores.png").exists()
     assert "removal order: " in result.output
+
+
+def test_efficiency_rows_and_a_failing_fast_path_is_reported(recipe, monkeypatch):
+    body = yaml.safe_load(recipe.read_text())
+    body["evaluate"]["efficiency"] = {"prompt_tokens": 8, "new_tokens": 4, "repeats": 2}
+    recipe.write_text(yaml.safe_dump(body))
+    real = pipeline.measure_latency
+
+    def fast_fails(model, fast=False, **kw):
+        if fast:
+            raise RuntimeError("no static cache here")
+        return real(model, **kw)
+    monkeypatch.setattr(pipeline, "measure_latency", fast_fails)
+    report = run_recipe(recipe, progress=False)
+    for row in report["rows"]:
+        assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 and row["latency_setting"] == "P=8 N=4 B=1"
+        assert row["fast_path_error"] == "RuntimeError: no static cache here"
+        assert "decode_tok_s_fast" not in row
+    assert "decode tok/s" in (Path(report["output"]) / "report.md").read_text()
