@@ -59,7 +59,7 @@ def run(assets: Path, ks: list[int], metrics: list[str], eval_tokens: int) -> di
 
 
 def markdown(result: dict, command: str) -> str:
-    lines = [f"# BI vs baselines on SmolLM2-135M-Instruct (30 layers)", "",
+    lines = ["# BI vs baselines on SmolLM2-135M-Instruct (30 layers)", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}; torch {result['versions']['torch']}, "
              f"transformers {result['versions']['transformers']}  ",
              f"Perplexity on the first {result['eval_tokens']} tokens of Austen (PG): Pride and Prejudice, "

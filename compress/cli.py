@@ -102,6 +102,54 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
         click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")
 
 
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--ppl", "ppl", help="Perplexity text: pg19, a hub dataset id, or a local .txt/.jsonl file or folder.")
+@click.option("--ppl-split", default="test", show_default=True)
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
+@click.option("--max-tokens", default=1_000_000, show_default=True, type=click.IntRange(min=2))
+@click.option("--efficiency", is_flag=True, help="Also measure prefill latency and decode tokens/s.")
+@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write the result row as JSON here.")
+@user_errors
+def evaluate(model, ppl, ppl_split, seq_len, max_tokens, efficiency, prompt_tokens, new_tokens, dtype,
+             device, out) -> None:
+    """Evaluate any MODEL (hub id or folder, ours or not): size, perplexity, latency."""
+    from compress.evaluate.suite import EfficiencyConfig, PerplexityConfig, evaluate_model
+    from compress.report import table
+
+    source = None
+    if ppl is not None:
+        is_path = Path(ppl).exists() or ppl.startswith(("/", "./", "../"))
+        source = PerplexityConfig(path=str(Path(ppl).resolve()) if is_path else None,
+                                  dataset=None if is_path else ppl, split=ppl_split,
+                                  seq_len=seq_len, max_tokens=max_tokens)
+        if is_path and not Path(ppl).exists():
+            raise CompressError(f"--ppl: {ppl} does not exist")
+    eff = EfficiencyConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens) if efficiency else None
+    row = evaluate_model(model, ppl=source, efficiency=eff, dtype=dtype, device=device)
+    click.echo(table([row]))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(row, indent=2, default=str))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("compare"), show_default=True,
+              help="Folder for compare.md, compare.json and the plots.")
+@user_errors
+def compare(runs, out) -> None:
+    """Compare RUNS (folders of `compress run`): one table, Pareto plots of quality vs memory."""
+    from compress.compare import compare_runs
+
+    click.echo(compare_runs(list(runs), out))
+    click.echo(f"\nwritten: {out / 'compare.md'}")
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @user_errors

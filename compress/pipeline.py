@@ -29,16 +29,14 @@ from compress.data.sources import load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.faults import crash_point
-from compress.evaluate.memory import PeakMemory, disk_bytes, parameter_count, weight_bytes
-from compress.evaluate.latency import measure_latency
-from compress.evaluate.perplexity import perplexity
+from compress.evaluate.memory import disk_bytes
+from compress.evaluate.suite import efficiency_metrics, perplexity_metrics, perplexity_tokens, size_metrics
 from compress.model_io import (PROVENANCE, check_fits, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
 from compress.recipe import Recipe, check_against_model, load_recipe
 from compress.report import write_report
 from compress.stages import STAGES
-from compress.stages.base import StageContext, StageRecord
-from compress.surgery import decoder_layers
+from compress.stages.base import StageContext
 
 log = logging.getLogger("compress")
 RUN_FILE = "run.json"
@@ -127,51 +125,22 @@ class Pipeline:
             log.info("calibration: %d samples x %d tokens from %s", cal.samples, cal.seq_len, source_label(cal))
         return self._calibration
 
-    def eval_tokens(self, tokenizer) -> torch.Tensor:
-        if self._eval_tokens is None:
-            ppl = self.recipe.evaluate.perplexity
-            max_chars = ppl.max_tokens * 12 if ppl.max_tokens else None
-            self._eval_tokens = tokenize_documents(tokenizer, load_texts(ppl, max_chars), ppl.max_tokens)
-            log.info("perplexity data: %d tokens of %s", self._eval_tokens.numel(), source_label(ppl))
-        return self._eval_tokens
-
     # -- steps -----------------------------------------------------------------------------
     def measure(self, step: str, model, tokenizer) -> dict[str, Any]:
         """Size metrics always; the recipe's evaluations if it asks for them after ``step``."""
         start = time.perf_counter()
-        metrics: dict[str, Any] = {"layers": len(decoder_layers(model)), "params": parameter_count(model),
-                                   "weight_bytes": weight_bytes(model)}
-        ppl_cfg = self.recipe.evaluate.perplexity
-        if ppl_cfg is not None and self.should_evaluate(step):
-            tokens = self.eval_tokens(tokenizer)
-            with PeakMemory(self.device) as peak:
-                result = perplexity(model, tokens, ppl_cfg.seq_len, ppl_cfg.stride, ppl_cfg.batch_size,
-                                    self.device, self.progress)
-            metrics.update(ppl=result.ppl, ppl_tokens=result.tokens, ppl_data=source_label(ppl_cfg),
-                           peak_memory_bytes=peak.peak_bytes, peak_memory_kind=peak.kind)
+        metrics = size_metrics(model)
+        evaluate = self.recipe.evaluate
+        if evaluate.perplexity is not None and self.should_evaluate(step):
+            if self._eval_tokens is None:
+                self._eval_tokens = perplexity_tokens(tokenizer, evaluate.perplexity)
+            metrics.update(perplexity_metrics(model, self._eval_tokens, evaluate.perplexity,
+                                              self.device, self.progress))
             crash_point("evaluation")
-        if self.recipe.evaluate.efficiency is not None and self.should_evaluate(step):
-            metrics.update(self.efficiency(model))
+        if evaluate.efficiency is not None and self.should_evaluate(step):
+            metrics.update(efficiency_metrics(model, evaluate.efficiency))
         metrics["eval_wall_s"] = time.perf_counter() - start
         return metrics
-
-    def efficiency(self, model) -> dict[str, Any]:
-        """Prefill / decode latency with plain generate, and with the fast path if asked for."""
-        cfg = self.recipe.evaluate.efficiency
-        args = dict(prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens,
-                    batch_size=cfg.batch_size, repeats=cfg.repeats)
-        plain = measure_latency(model, **args)
-        out = {"prefill_ms": plain.prefill_ms, "prefill_ms_p90": plain.prefill_ms_p90,
-               "decode_tok_s": plain.decode_tok_s, "decode_tok_s_p90": plain.decode_tok_s_p90,
-               "latency_setting": f"P={cfg.prompt_tokens} N={cfg.new_tokens} B={cfg.batch_size}"}
-        if cfg.fast_path:
-            try:
-                fast = measure_latency(model, **args, fast=True)
-                out["decode_tok_s_fast"] = fast.decode_tok_s
-            except Exception as e:  # reported in the row, never hidden
-                out["fast_path_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("fast decode path failed, plain generate reported only: %s", out["fast_path_error"])
-        return out
 
     def should_evaluate(self, name: str) -> bool:
         after = self.recipe.evaluate.after

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.data.sources import TextSource
 from compress.errors import CompressError
+from compress.evaluate.suite import EfficiencyConfig, PerplexityConfig
 from compress.model_io import local_model_dir
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
@@ -40,27 +41,6 @@ class CalibrationConfig(TextSource):
     seq_len: int = Field(2048, ge=2)
     seed: int = 0
     batch_size: int = Field(1, ge=1)
-
-
-class PerplexityConfig(TextSource):
-    seq_len: int = Field(2048, ge=2)
-    stride: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(1_000_000, ge=2)
-    batch_size: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _stride(self):
-        if self.stride is not None and self.stride > self.seq_len:
-            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
-        return self
-
-
-class EfficiencyConfig(_Strict):
-    prompt_tokens: int = Field(512, ge=1)
-    new_tokens: int = Field(128, ge=2)
-    batch_size: int = Field(1, ge=1)
-    repeats: int = Field(5, ge=1)
-    fast_path: bool = True  # also time decoding with a static KV cache
 
 
 class EvaluateConfig(_Strict):

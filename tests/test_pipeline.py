@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 import compress.importance as importance
-import compress.pipeline as pipeline
+import compress.evaluate.suite as suite
 from compress.cli import main
 from compress.errors import CompressError
 from compress.model_io import content_hash
@@ -82,7 +82,7 @@ def test_rerun_resumes_without_redoing_work(recipe, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished step was redone")
     monkeypatch.setattr(importance, "score_layers", boom)
-    monkeypatch.setattr(pipeline, "perplexity", boom)
+    monkeypatch.setattr(suite, "perplexity", boom)
     monkeypatch.setattr("compress.stages.layer_removal.score_layers", boom)
     second = run_recipe(recipe, progress=False)
     assert [r["ppl"] for r in second["rows"]] == [r["ppl"] for r in first["rows"]]
@@ -90,19 +90,19 @@ def test_rerun_resumes_without_redoing_work(recipe, tmp_path, monkeypatch):
 
 def test_crash_after_a_stage_resumes_from_its_record(recipe, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = pipeline.perplexity
+    real = suite.perplexity
 
     def crash_on_second(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash during the evaluation after the stage")
         return real(*a, **k)
-    monkeypatch.setattr(pipeline, "perplexity", crash_on_second)
+    monkeypatch.setattr(suite, "perplexity", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_recipe(recipe, progress=False)
     assert not (tmp_path / "run" / "checkpoints" / "layer_removal").exists()
 
-    monkeypatch.setattr(pipeline, "perplexity", real)
+    monkeypatch.setattr(suite, "perplexity", real)
     monkeypatch.setattr("compress.stages.layer_removal.score_layers",
                         lambda *a, **k: pytest.fail("scores were recomputed on resume"))
     resumed = run_recipe(recipe, progress=False)
@@ -167,16 +167,46 @@ def test_efficiency_rows_and_a_failing_fast_path_is_reported(recipe, monkeypatch
     body = yaml.safe_load(recipe.read_text())
     body["evaluate"]["efficiency"] = {"prompt_tokens": 8, "new_tokens": 4, "repeats": 2}
     recipe.write_text(yaml.safe_dump(body))
-    real = pipeline.measure_latency
+    real = suite.measure_latency
 
     def fast_fails(model, fast=False, **kw):
         if fast:
             raise RuntimeError("no static cache here")
         return real(model, **kw)
-    monkeypatch.setattr(pipeline, "measure_latency", fast_fails)
+    monkeypatch.setattr(suite, "measure_latency", fast_fails)
     report = run_recipe(recipe, progress=False)
     for row in report["rows"]:
         assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 and row["latency_setting"] == "P=8 N=4 B=1"
         assert row["fast_path_error"] == "RuntimeError: no static cache here"
         assert "decode_tok_s_fast" not in row
     assert "decode tok/s" in (Path(report["output"]) / "report.md").read_text()
+
+
+def test_eval_any_model_and_compare_runs(recipe, tiny_model_dir, text_file, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(tiny_model_dir), "--ppl", str(text_file), "--seq-len", "32",
+                                       "--max-tokens", "256", "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "eval.json").read_text())
+    run_recipe(recipe, progress=False)
+    baseline = json.loads((tmp_path / "run/report.json").read_text())["rows"][0]
+    assert row["ppl"] == pytest.approx(baseline["ppl"], rel=1e-6) and row["layers"] == 5
+
+    other = recipe.with_name("other.yaml")
+    body = yaml.safe_load(recipe.read_text())
+    body["output"], body["stages"] = "other", [{"layer_removal": {"metric": "reverse", "remove": 3}}]
+    other.write_text(yaml.safe_dump(body))
+    run_recipe(other, progress=False)
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "run"), str(tmp_path / "other"),
+                                       "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert "| run/layer_removal | 3 |" in result.output and "| other/layer_removal | 2 |" in result.output
+    assert (tmp_path / "cmp/ppl_vs_weights.png").stat().st_size > 1000
+
+
+def test_pareto_front():
+    from compress.compare import pareto_front
+
+    pts = [(10, 5.0), (8, 6.0), (8, 7.0), (4, 9.0), (12, 4.0)]  # (size, ppl): lower is better
+    assert pareto_front(pts, higher_is_better=False) == [3, 1, 0, 4]
+    acc = [(10, 0.5), (8, 0.4), (4, 0.45), (12, 0.6)]
+    assert pareto_front(acc, higher_is_better=True) == [2, 0, 3]

@@ -1,0 +1,116 @@
+"""`compress compare RUN...`: one table across runs and their stages, plus Pareto plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError
+from compress.model_io import write_atomic
+from compress.report import table
+
+
+def load_rows(runs: list[Path]) -> list[dict[str, Any]]:
+    """Every stage row of every run, tagged ``run/step``."""
+    rows = []
+    for run in runs:
+        report = run / "report.json"
+        if not report.exists():
+            raise CompressError(f"{run}: no report.json; give folders written by `compress run`")
+        try:
+            data = json.loads(report.read_text())
+        except json.JSONDecodeError as e:
+            raise CompressError(f"{report}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for row in data["rows"]:
+            rows.append({**row, "run": run.name, "step": f"{run.name}/{row['step']}"})
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of points no other point beats on both size (lower) and quality, sorted by size."""
+    front = []
+    for i, (size, q) in enumerate(points):
+        dominated = any(
+            (s <= size and (qq >= q if higher_is_better else qq <= q)) and (s, qq) != (size, q)
+            for s, qq in points
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _scatter(rows, key: str, label: str, higher_is_better: bool, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    have = [r for r in rows if r.get(key) is not None and r.get("weight_bytes")]
+    if not have:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for run in dict.fromkeys(r["run"] for r in have):
+        pts = [r for r in have if r["run"] == run]
+        ax.plot([r["weight_bytes"] / 2**20 for r in pts], [r[key] for r in pts], marker="o", label=run)
+        for r in pts:
+            ax.annotate(r["step"].split("/", 1)[1], (r["weight_bytes"] / 2**20, r[key]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    points = [(r["weight_bytes"], r[key]) for r in have]
+    front = pareto_front(points, higher_is_better)
+    ax.plot([points[i][0] / 2**20 for i in front], [points[i][1] for i in front], "k--", lw=1,
+            label="Pareto front")
+    ax.set_xlabel("weight memory as stored (MiB)")
+    ax.set_ylabel(label)
+    if not higher_is_better:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_title(f"{label} vs weight memory")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _decode_bars(rows, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = [r for r in rows if r.get("decode_tok_s")]
+    if not have:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(have)), 4.2), dpi=120)
+    ax.bar(range(len(have)), [r["decode_tok_s"] for r in have], color="tab:green")
+    ax.set_xticks(range(len(have)))
+    ax.set_xticklabels([r["step"] for r in have], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("decode tokens/s (plain generate)")
+    ax.set_title(f"decode speed per stage ({have[0].get('latency_setting', '')})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def compare_runs(runs: list[Path], out: Path) -> str:
+    """Write compare.md and plots to ``out``; return the Markdown table."""
+    rows = load_rows(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if _scatter(rows, "ppl", "perplexity (log scale, lower is better)", False, out / "ppl_vs_weights.png"):
+        plots.append("ppl_vs_weights.png")
+    if _scatter(rows, "mmlu", "MMLU accuracy (macro, higher is better)", True, out / "mmlu_vs_weights.png"):
+        plots.append("mmlu_vs_weights.png")
+    if _decode_bars(rows, out / "decode_tok_s.png"):
+        plots.append("decode_tok_s.png")
+    md = table(rows)
+    body = ["# compress compare", "", md, "", *(f"![{p}]({p})" for p in plots), ""]
+    write_atomic(out / "compare.md", "\n".join(body))
+    write_atomic(out / "compare.json", json.dumps(rows, indent=2, default=str))
+    return md

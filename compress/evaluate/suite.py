@@ -1,0 +1,102 @@
+"""The evaluations run after each step and by `compress eval`: each returns a flat metrics dict."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compress.data.sources import TextSource, load_texts, source_label
+from compress.data.tokens import tokenize_documents
+from compress.evaluate.latency import measure_latency
+from compress.evaluate.memory import PeakMemory, parameter_count, weight_bytes
+from compress.evaluate.perplexity import perplexity
+from compress.surgery import decoder_layers
+
+log = logging.getLogger("compress")
+
+
+class PerplexityConfig(TextSource):
+    seq_len: int = Field(2048, ge=2)
+    stride: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(1_000_000, ge=2)
+    batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
+        return self
+
+
+class EfficiencyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_tokens: int = Field(512, ge=1)
+    new_tokens: int = Field(128, ge=2)
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(5, ge=1)
+    fast_path: bool = True  # also time decoding with a static KV cache
+
+
+def size_metrics(model) -> dict[str, Any]:
+    return {"layers": len(decoder_layers(model)), "params": parameter_count(model),
+            "weight_bytes": weight_bytes(model)}
+
+
+def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
+    max_chars = cfg.max_tokens * 12 if cfg.max_tokens else None
+    tokens = tokenize_documents(tokenizer, load_texts(cfg, max_chars), cfg.max_tokens)
+    log.info("perplexity data: %d tokens of %s", tokens.numel(), source_label(cfg))
+    return tokens
+
+
+def perplexity_metrics(model, tokens: torch.Tensor, cfg: PerplexityConfig, device: torch.device,
+                       progress: bool = True) -> dict[str, Any]:
+    """Perplexity and the peak memory it took."""
+    with PeakMemory(device) as peak:
+        result = perplexity(model, tokens, cfg.seq_len, cfg.stride, cfg.batch_size, device, progress)
+    return {"ppl": result.ppl, "ppl_tokens": result.tokens, "ppl_data": source_label(cfg),
+            "peak_memory_bytes": peak.peak_bytes, "peak_memory_kind": peak.kind}
+
+
+def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
+    """Prefill / decode latency with plain generate, and with the fast path if asked for."""
+    args = dict(prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens,
+                batch_size=cfg.batch_size, repeats=cfg.repeats)
+    plain = measure_latency(model, **args)
+    out = {"prefill_ms": plain.prefill_ms, "prefill_ms_p90": plain.prefill_ms_p90,
+           "decode_tok_s": plain.decode_tok_s, "decode_tok_s_p90": plain.decode_tok_s_p90,
+           "latency_setting": f"P={cfg.prompt_tokens} N={cfg.new_tokens} B={cfg.batch_size}"}
+    if cfg.fast_path:
+        try:
+            out["decode_tok_s_fast"] = measure_latency(model, **args, fast=True).decode_tok_s
+        except Exception as e:  # reported in the row, never hidden
+            out["fast_path_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("fast decode path failed, plain generate reported only: %s", out["fast_path_error"])
+    return out
+
+
+def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: EfficiencyConfig | None,
+                   dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """`compress eval`: size, perplexity and latency of any model (ours or not)."""
+    from pathlib import Path
+
+    from compress.evaluate.memory import disk_bytes
+    from compress.model_io import load_model, local_model_dir, read_config, resolve_device, resolve_dtype
+
+    local = local_model_dir(model)
+    name = str(local) if local else model
+    config = read_config(name)
+    dev = resolve_device(device)
+    net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev)
+    row: dict[str, Any] = {"step": Path(name).name, "model": name, **size_metrics(net)}
+    if local:
+        row["disk_bytes"] = disk_bytes(local)
+    if ppl is not None:
+        row.update(perplexity_metrics(net, perplexity_tokens(tokenizer, ppl), ppl, dev, progress))
+    if efficiency is not None:
+        row.update(efficiency_metrics(net, efficiency))
+    return row
