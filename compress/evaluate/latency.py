@@ -87,3 +87,25 @@ def measure_latency(model, prompt_tokens: int = 512, new_tokens: int = 128, batc
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size,
         path="static-cache" if fast else "generate",
     )
+
+
+@torch.no_grad()
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (reads + writes counted), CUDA only."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        with _Timer(device) as t:
+            dst.copy_(src)
+        times.append(t.seconds)
+    return 2 * src.numel() / statistics.median(times)  # each byte read once and written once
+
+
+def bandwidth_floor_share(weight_bytes: int, bandwidth: float, decode_tok_s: float, batch_size: int) -> float:
+    """Share of the memory-bandwidth floor that decoding reaches: every decode step must read all
+    weights once, so a step takes at least weight_bytes / bandwidth; 1.0 = at the floor."""
+    floor_s = weight_bytes / bandwidth
+    step_s = batch_size / decode_tok_s  # one step produces batch_size tokens
+    return floor_s / step_s

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import tokenize_documents
-from compress.evaluate.latency import measure_latency
+from compress.evaluate.latency import bandwidth_floor_share, copy_bandwidth, measure_latency
 from compress.evaluate.memory import PeakMemory, parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
 from compress.surgery import decoder_layers
@@ -70,6 +70,12 @@ def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
     out = {"prefill_ms": plain.prefill_ms, "prefill_ms_p90": plain.prefill_ms_p90,
            "decode_tok_s": plain.decode_tok_s, "decode_tok_s_p90": plain.decode_tok_s_p90,
            "latency_setting": f"P={cfg.prompt_tokens} N={cfg.new_tokens} B={cfg.batch_size}"}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        out["copy_bandwidth_gb_s"] = bandwidth / 1e9
+        out["bandwidth_floor_share"] = bandwidth_floor_share(
+            weight_bytes(model), bandwidth, plain.decode_tok_s, cfg.batch_size)
     if cfg.fast_path:
         try:
             out["decode_tok_s_fast"] = measure_latency(model, **args, fast=True).decode_tok_s
