@@ -48,8 +48,9 @@ def _to(value: Any, device: torch.device) -> Any:
 def layer_inputs(model, batches: list[dict[str, torch.Tensor]], device: torch.device):
     """Hidden states entering layer 0 and, per layer, the keyword arguments each batch brings.
 
-    Returns (hidden: list per batch, kwargs: list per layer of list per batch). Only the modules
-    outside the decoder layers (embeddings, rotary, final norm) are moved to ``device``.
+    Returns (hidden: list per batch, kwargs: list per layer of list per batch). Only the base
+    model's modules outside the decoder layers (embeddings, rotary, final norm) are moved to
+    ``device``; the LM head is not needed and stays where it is (unless tied to the embeddings).
     """
     layers = decoder_layers(model)
     calls: list[list[dict[str, Any]]] = [[] for _ in layers]
@@ -63,7 +64,7 @@ def layer_inputs(model, batches: list[dict[str, torch.Tensor]], device: torch.de
     try:
         for i in range(len(layers)):
             layers[i] = _Recorder(calls[i])
-        model.to(device)  # now holds no decoder layer weights
+        model.base_model.to(device)  # embeddings, rotary, final norm: the decoder layers are recorders now
         handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
         for batch in batches:
             model.base_model(input_ids=batch["input_ids"].to(device),
@@ -103,4 +104,5 @@ def run_layerwise(model, batches: list[dict[str, torch.Tensor]], on_layer: Layer
         layers[i] = layer.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    model.base_model.to(home)  # leave the model where it was
     model.train(was_training)
