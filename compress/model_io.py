@@ -128,7 +128,7 @@ def _weights_error(model: str, err: Exception, allow_pickle: bool) -> CompressEr
 
 def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
                trust_remote_code: bool = False, device_map: str | dict | None = None,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, max_memory: dict | None = None):
     """(model, tokenizer) from a hub id or local folder; safetensors weights only unless
     ``allow_pickle``. With a ``device_map`` accelerate places the weights."""
     from safetensors import SafetensorError
@@ -144,6 +144,7 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
         net = AutoModelForCausalLM.from_pretrained(
             model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True, device_map=device_map,
+            **({"max_memory": max_memory} if max_memory else {}),
         )
     except (OSError, ValueError, SafetensorError, ImportError) as e:
         raise _weights_error(model, e, allow_pickle) from None
@@ -170,6 +171,48 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int) -> int | None:
+    """Bytes of a size such as 70GiB, 500MB or 1024 (accelerate's max_memory notation); None if bad."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value > 0 else None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def capacity_bytes(max_memory: dict | None) -> int | None:
+    """What a device_map can spread weights over: max_memory's sum, else all free GPU + CPU memory."""
+    if max_memory:
+        return sum(parse_size(v) or 0 for v in max_memory.values())
+    total = available_bytes(torch.device("cpu"))
+    if total is None:
+        return None
+    for i in range(torch.cuda.device_count()):
+        total += torch.cuda.mem_get_info(i)[0]
+    return total
+
+
+def check_fits_anywhere(config, dtype: torch.dtype, max_memory: dict | None) -> int:
+    """With a device_map: CompressError before loading if the weights exceed all memory allowed."""
+    need = estimated_weight_bytes(config, dtype)
+    room = capacity_bytes(max_memory)
+    if room is not None and need > room:
+        where = "max_memory allows" if max_memory else "free GPU + CPU memory is"
+        raise CompressError(
+            f"the model needs about {need / 2**30:.1f} GiB for its weights in "
+            f"{str(dtype).removeprefix('torch.')}, but {where} {room / 2**30:.1f} GiB in all; "
+            "use a smaller dtype or a machine with more memory"
+        )
+    return need
 
 
 def check_fits(config, dtype: torch.dtype, device: torch.device) -> int:

@@ -31,7 +31,7 @@ from compress.errors import CompressError
 from compress.faults import crash_point
 from compress.evaluate.memory import disk_bytes
 from compress.evaluate.suite import efficiency_metrics, perplexity_metrics, perplexity_tokens, size_metrics
-from compress.model_io import (PROVENANCE, check_fits, load_model, model_facts, read_config, replace_dir,
+from compress.model_io import (PROVENANCE, check_fits, check_fits_anywhere, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
 from compress.recipe import Recipe, check_against_model, load_recipe
 from compress.report import write_report
@@ -109,6 +109,8 @@ class Pipeline:
         self.dtype = resolve_dtype(recipe.dtype, self.config)
         if recipe.device_map is None:
             check_fits(self.config, self.dtype, self.device)
+        else:
+            check_fits_anywhere(self.config, self.dtype, recipe.max_memory)
         self.folder = prepare_output(recipe, overwrite)
         self.final_folder = recipe.output
         self.state = RunState(self.folder)
@@ -163,7 +165,8 @@ class Pipeline:
         self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
         model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=self.device,
                                       revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
-                                      device_map=recipe.device_map, allow_pickle=recipe.allow_pickle_weights)
+                                      device_map=recipe.device_map, allow_pickle=recipe.allow_pickle_weights,
+                                      max_memory=recipe.max_memory)
         log.info("model %s: %s, %d layers, %s on %s", recipe.model, self.facts.model_type,
                  self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device)
         rows, records = [self._baseline(model, tokenizer)], []

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from compress.data.sources import TextSource
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, PerplexityConfig
-from compress.model_io import local_model_dir
+from compress.model_io import local_model_dir, parse_size
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
 
@@ -55,6 +55,7 @@ class _Top(_Strict):
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
     device: str = "auto"
     device_map: str | dict[str, Any] | None = None  # passed to accelerate (multi-GPU, CPU offload)
+    max_memory: dict[str | int, str | int] | None = None  # e.g. {0: 70GiB, cpu: 200GiB}
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # read .bin weights (torch.load weights_only=True)
     output: str
@@ -80,6 +81,7 @@ class Recipe:
     dtype: str
     device: str
     device_map: str | dict[str, Any] | None
+    max_memory: dict[str | int, str | int] | None
     trust_remote_code: bool
     allow_pickle_weights: bool
     output: Path
@@ -275,6 +277,11 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     base = path.resolve().parent
     _check_chain(specs, names, top, errors)
     model, is_local = _resolve_model(top.model, base, errors)
+    if top.max_memory is not None and top.device_map is None:
+        errors.append("max_memory: only used with device_map (e.g. `device_map: auto`); add one or drop it")
+    for key, value in (top.max_memory or {}).items():
+        if parse_size(value) is None:
+            errors.append(f"max_memory.{key}: {value!r} is not a size like 70GiB, 500MB or a byte count")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", top.device):
         errors.append(f"device: {top.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     output = (base / Path(top.output).expanduser()).resolve()
@@ -285,7 +292,7 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     evaluate = top.evaluate.model_copy(update={"perplexity": ppl})
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,
-        dtype=top.dtype, device=top.device, device_map=top.device_map,
+        dtype=top.dtype, device=top.device, device_map=top.device_map, max_memory=top.max_memory,
         trust_remote_code=top.trust_remote_code, allow_pickle_weights=top.allow_pickle_weights,
         output=output,
         calibration=calibration, evaluate=evaluate, stages=specs,
