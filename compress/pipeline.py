@@ -221,14 +221,14 @@ class Pipeline:
             self.state.store(index, spec.name, entry)
         record = {"name": spec.name, **entry["record"]}
         if spec.name in self.recipe.save:
-            self._save(spec.name, stage, model, tokenizer, [*records, record], layer_ids, entry)
+            self._save(index, spec.name, stage, model, tokenizer, [*records, record], layer_ids, entry)
         row = {"step": spec.name, "summary": entry["record"]["summary"],
                "stage_wall_s": entry["record"]["wall_s"], **entry["metrics"]}
         if "checkpoint" in entry:
             row["checkpoint"], row["disk_bytes"] = entry["checkpoint"], entry["disk_bytes"]
         return row, record
 
-    def _save(self, name, stage, model, tokenizer, records, layer_ids, entry) -> None:
+    def _save(self, index, name, stage, model, tokenizer, records, layer_ids, entry) -> None:
         final = self.folder / "checkpoints" / name
         if "checkpoint" in entry and final.exists():
             log.info("resume: checkpoint %s already written", final)
@@ -237,10 +237,7 @@ class Pipeline:
                         saver=getattr(stage, "save", None))
         entry["checkpoint"] = str(final.relative_to(self.folder))
         entry["disk_bytes"] = disk_bytes(final)
-        self.state.store(self._index_of(name), name, entry)
-
-    def _index_of(self, name: str) -> int:
-        return 1 + [s.name for s in self.recipe.stages].index(name)
+        self.state.store(index, name, entry)
 
     def _report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         stages = []
