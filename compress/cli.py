@@ -87,8 +87,9 @@ def validate(recipe: Path) -> None:
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for scores.json and the plot.")
-@click.option("--layerwise", is_flag=True,
-              help="Keep weights on the CPU and run one layer at a time on --device (large models).")
+@click.option("--layerwise/--full", default=None,
+              help="Keep weights on the CPU and run one layer at a time on --device "
+                   "(default: only when the weights do not fit the device).")
 @user_errors
 def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out, layerwise) -> None:
     """Score every decoder layer of MODEL (no changes); prints a table, writes a plot."""

@@ -78,12 +78,13 @@ def layer_inputs(model, batches: list[dict[str, torch.Tensor]], device: torch.de
 
 
 @torch.no_grad()
-def run_layerwise(model, batches: list[dict[str, torch.Tensor]], on_layer: LayerCallback,
-                  device: torch.device, offload: bool = True, progress: bool = True) -> None:
+def run_layerwise(model, batches: list[dict[str, torch.Tensor]], on_layer: LayerCallback | None,
+                  device: torch.device, offload: bool = True, progress: bool = True) -> list[torch.Tensor]:
     """Run ``batches`` through the decoder one layer at a time on ``device``.
 
     ``on_layer(i, x_in, x_out, mask)`` sees every layer's input and output for every batch. The
-    model's decoder layers stay where they were (e.g. on the CPU) except the one running.
+    model's decoder layers stay where they were (e.g. on the CPU) except the one running. Returns
+    the last layer's output for every batch (before the final norm), on the CPU if ``offload``.
     """
     layers = decoder_layers(model)
     home = next(layers[0].parameters()).device
@@ -99,10 +100,12 @@ def run_layerwise(model, batches: list[dict[str, torch.Tensor]], on_layer: Layer
             x_in = hidden[b].to(device)
             out = layer(x_in, **_to(calls[i][b], device))
             x_out = out[0] if isinstance(out, tuple) else out
-            on_layer(i, x_in, x_out, masks[b])
+            if on_layer is not None:
+                on_layer(i, x_in, x_out, masks[b])
             hidden[b] = x_out.to(store)
         layers[i] = layer.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     model.base_model.to(home)  # leave the model where it was
     model.train(was_training)
+    return hidden

@@ -107,15 +107,33 @@ class Pipeline:
         check_against_model(recipe, self.facts)
         self.device = resolve_device(recipe.device)
         self.dtype = resolve_dtype(recipe.dtype, self.config)
-        if recipe.device_map is None:
-            check_fits(self.config, self.dtype, self.device)
-        else:
-            check_fits_anywhere(self.config, self.dtype, recipe.max_memory)
+        self.layerwise = self.choose_layerwise()
         self.folder = prepare_output(recipe, overwrite)
         self.final_folder = recipe.output
         self.state = RunState(self.folder)
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._eval_tokens: torch.Tensor | None = None
+
+    def choose_layerwise(self) -> bool:
+        """Keep the weights in CPU memory and run layer by layer on the device? Yes if the recipe
+        says so, or (auto) if they do not fit the device but fit the CPU memory."""
+        recipe = self.recipe
+        if recipe.device_map is not None:
+            check_fits_anywhere(self.config, self.dtype, recipe.max_memory)
+            return False
+        if recipe.layerwise is True:
+            check_fits(self.config, self.dtype, torch.device("cpu"))
+            return True
+        try:
+            check_fits(self.config, self.dtype, self.device)
+            return False
+        except CompressError as too_big:
+            if recipe.layerwise is False or self.device.type == "cpu":
+                raise
+            check_fits(self.config, self.dtype, torch.device("cpu"))
+            log.warning("%s; weights stay in CPU memory and every pass runs one layer at a time on %s",
+                        str(too_big).split(";")[0], self.device)
+            return True
 
     # -- data ------------------------------------------------------------------------------
     def calibration(self, tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -137,10 +155,13 @@ class Pipeline:
             if self._eval_tokens is None:
                 self._eval_tokens = perplexity_tokens(tokenizer, evaluate.perplexity)
             metrics.update(perplexity_metrics(model, self._eval_tokens, evaluate.perplexity,
-                                              self.device, self.progress))
+                                              self.device, self.progress, layerwise=self.layerwise))
             crash_point("evaluation")
         if evaluate.efficiency is not None and self.should_evaluate(step):
-            metrics.update(efficiency_metrics(model, evaluate.efficiency))
+            if self.layerwise:  # latency of a model streamed layer by layer says nothing
+                metrics["latency_skipped"] = "weights in CPU memory (layer-wise run); use `compress eval` where it fits"
+            else:
+                metrics.update(efficiency_metrics(model, evaluate.efficiency))
         metrics["eval_wall_s"] = time.perf_counter() - start
         return metrics
 
@@ -163,12 +184,14 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         recipe = self.recipe
         self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
-        model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=self.device,
+        home = torch.device("cpu") if self.layerwise else self.device
+        model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=home,
                                       revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
                                       device_map=recipe.device_map, allow_pickle=recipe.allow_pickle_weights,
                                       max_memory=recipe.max_memory)
-        log.info("model %s: %s, %d layers, %s on %s", recipe.model, self.facts.model_type,
-                 self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device)
+        log.info("model %s: %s, %d layers, %s on %s%s", recipe.model, self.facts.model_type,
+                 self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device,
+                 " (layer by layer, weights in CPU memory)" if self.layerwise else "")
         rows, records = [self._baseline(model, tokenizer)], []
         layer_ids = self.input_layer_ids()
         for index, spec in enumerate(recipe.stages, start=1):
@@ -253,6 +276,7 @@ class Pipeline:
                       "perplexity": (self.recipe.evaluate.perplexity.path
                                      if self.recipe.evaluate.perplexity else None)},
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "layerwise": self.layerwise,
             "rows": rows, "stages": stages, "versions": _versions(),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

@@ -56,6 +56,7 @@ class _Top(_Strict):
     device: str = "auto"
     device_map: str | dict[str, Any] | None = None  # passed to accelerate (multi-GPU, CPU offload)
     max_memory: dict[str | int, str | int] | None = None  # e.g. {0: 70GiB, cpu: 200GiB}
+    layerwise: Literal["auto", True, False] = "auto"  # keep weights in CPU memory, run layer by layer
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # read .bin weights (torch.load weights_only=True)
     output: str
@@ -82,6 +83,7 @@ class Recipe:
     device: str
     device_map: str | dict[str, Any] | None
     max_memory: dict[str | int, str | int] | None
+    layerwise: str | bool
     trust_remote_code: bool
     allow_pickle_weights: bool
     output: Path
@@ -277,6 +279,8 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     base = path.resolve().parent
     _check_chain(specs, names, top, errors)
     model, is_local = _resolve_model(top.model, base, errors)
+    if top.layerwise is True and top.device_map is not None:
+        errors.append("layerwise: true and device_map exclude each other; choose one")
     if top.max_memory is not None and top.device_map is None:
         errors.append("max_memory: only used with device_map (e.g. `device_map: auto`); add one or drop it")
     for key, value in (top.max_memory or {}).items():
@@ -293,6 +297,7 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,
         dtype=top.dtype, device=top.device, device_map=top.device_map, max_memory=top.max_memory,
+        layerwise=top.layerwise,
         trust_remote_code=top.trust_remote_code, allow_pickle_weights=top.allow_pickle_weights,
         output=output,
         calibration=calibration, evaluate=evaluate, stages=specs,

@@ -13,7 +13,7 @@ from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.importance import DESCRIPTIONS, METRICS, lowest, metric_needs_calibration, score_layers
-from compress.model_io import (load_model, local_model_dir, model_facts, read_config, resolve_device,
+from compress.model_io import (check_fits, load_model, local_model_dir, model_facts, read_config, resolve_device,
                                resolve_dtype, write_atomic)
 from compress.report import plot_scores
 
@@ -43,9 +43,9 @@ class LayerScores:
 
 def score_model(model: str, *, metric: str, data: str | None, dataset: str | None, split: str,
                 samples: int, seq_len: int, seed: int, dtype: str, device: str,
-                out: Path | None, layerwise: bool = False) -> LayerScores:
+                out: Path | None, layerwise: bool | None = None) -> LayerScores:
     """Score the layers of ``model``. ``layerwise``: keep the weights on the CPU and run one layer at
-    a time on ``device`` (for models larger than the accelerator)."""
+    a time on ``device`` (None: only if the weights do not fit the device)."""
     if metric not in METRICS:
         raise CompressError(f"--metric: unknown metric {metric!r}; supported: {METRICS}")
     source = None
@@ -60,8 +60,17 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
     config = read_config(model)
     model_facts(config)
     run_on = resolve_device(device)
-    net, tokenizer = load_model(model, dtype=resolve_dtype(dtype, config),
-                                device=torch.device("cpu") if layerwise else run_on)
+    torch_dtype = resolve_dtype(dtype, config)
+    if layerwise is None:  # auto: layer by layer when the weights do not fit the device
+        try:
+            check_fits(config, torch_dtype, run_on)
+            layerwise = False
+        except CompressError:
+            if run_on.type == "cpu":
+                raise
+            layerwise = True
+            log.warning("weights do not fit %s: scoring layer by layer, weights in CPU memory", run_on)
+    net, tokenizer = load_model(model, dtype=torch_dtype, device=torch.device("cpu") if layerwise else run_on)
     batches = []
     if source is not None:
         need = samples * seq_len * 4

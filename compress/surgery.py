@@ -23,6 +23,7 @@ class LayerLayout:
     layers_path: str  # attribute path from the *ForCausalLM model to the ModuleList
     per_layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
     layer_index_lists: tuple[str, ...] = ()  # config lists *of layer indices* (renumbered)
+    final_norm_path: str = "model.norm"  # applied to the last layer's output before the LM head
 
 
 _DECODER = LayerLayout("model.layers")
@@ -42,7 +43,7 @@ LAYOUTS: dict[str, LayerLayout] = {
     "phi3": _DECODER,
     "smollm3": LayerLayout("model.layers", per_layer_lists=("layer_types", "no_rope_layers")),
     "olmo2": _DECODER,
-    "gpt_neox": LayerLayout("gpt_neox.layers"),
+    "gpt_neox": LayerLayout("gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm"),
 }
 
 
@@ -63,6 +64,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for name in layout_for(model.config).layers_path.split("."):
         obj = getattr(obj, name)
     assert isinstance(obj, nn.ModuleList)
+    return obj
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the LM head."""
+    obj: object = model
+    for name in layout_for(model.config).final_norm_path.split("."):
+        obj = getattr(obj, name)
     return obj
 
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import compress.importance as importance
 import compress.evaluate.suite as suite
+import compress.pipeline as pipeline_module
 from compress.cli import main
 from compress.errors import CompressError
 from compress.model_io import content_hash
@@ -210,3 +211,35 @@ def test_pareto_front():
     assert pareto_front(pts, higher_is_better=False) == [3, 1, 0, 4]
     acc = [(10, 0.5), (8, 0.4), (4, 0.45), (12, 0.6)]
     assert pareto_front(acc, higher_is_better=True) == [2, 0, 3]
+
+
+def test_layerwise_run_gives_the_same_results_as_a_normal_run(recipe, tmp_path):
+    normal = run_recipe(recipe, progress=False)
+    body = yaml.safe_load(recipe.read_text())
+    body["output"], body["layerwise"] = "lw", True
+    lw_recipe = recipe.with_name("lw.yaml")
+    lw_recipe.write_text(yaml.safe_dump(body))
+    lw = run_recipe(lw_recipe, progress=False)
+    assert lw["layerwise"] is True and normal["layerwise"] is False
+    assert [r["ppl"] for r in lw["rows"]] == pytest.approx([r["ppl"] for r in normal["rows"]], rel=1e-6)
+    a = (tmp_path / "run/checkpoints/layer_removal/model.safetensors").read_bytes()
+    b = (tmp_path / "lw/checkpoints/layer_removal/model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_auto_layerwise_when_the_weights_do_not_fit_the_accelerator(recipe, monkeypatch):
+    from compress.recipe import load_recipe
+
+    def fits_only_cpu(config, dtype, device):
+        if device.type != "cpu":
+            raise CompressError(f"the model needs about 13.5 GiB ..., but {device} has 8.0 GiB free; ...")
+        return 1
+    monkeypatch.setattr(pipeline_module, "check_fits", fits_only_cpu)
+    p = pipeline_module.Pipeline.__new__(pipeline_module.Pipeline)
+    p.recipe, p.config, p.dtype, p.device = load_recipe(recipe), None, torch.float16, torch.device("meta")
+    assert p.choose_layerwise() is True  # too big for the accelerator, fits the CPU: layer by layer
+    p.device = torch.device("cpu")
+    with pytest.raises(CompressError, match="has 8.0 GiB free"):
+        monkeypatch.setattr(pipeline_module, "check_fits",
+                            lambda c, d, dev: (_ for _ in ()).throw(CompressError("has 8.0 GiB free")))
+        p.choose_layerwise()

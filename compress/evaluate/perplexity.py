@@ -74,9 +74,40 @@ def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
     return [ws[i : i + batch_size] for ws in by_len.values() for i in range(0, len(ws), batch_size)]
 
 
+@torch.no_grad()
+def layerwise_window_nll(model, tokens: torch.Tensor, batches: list[list[Window]], device,
+                         progress: bool = True) -> tuple[float, int]:
+    """Summed NLL and count, running the decoder one layer at a time on ``device`` (weights stay
+    where they are): for models larger than the accelerator. Same windows, same scoring."""
+    from compress.layerwise import run_layerwise
+    from compress.surgery import final_norm
+
+    inputs = [{"input_ids": torch.stack([tokens[w.begin : w.end] for w in ws]),
+               "attention_mask": torch.ones(len(ws), ws[0].end - ws[0].begin, dtype=torch.long)}
+              for ws in batches]
+    finals = run_layerwise(model, inputs, None, device, progress=progress)
+    norm, head = final_norm(model), model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    homes = [next(norm.parameters()).device, head.weight.device]
+    norm.to(device), head.to(device)
+    total, count = 0.0, 0
+    for ws, batch, hidden in zip(batches, inputs, finals):
+        logits = head(norm(hidden.to(device)))[:, :-1]
+        if cap:  # Gemma 2/3: logits = cap * tanh(logits / cap), as their forward does
+            logits = cap * torch.tanh(logits / cap)
+        nll = token_nll(logits, batch["input_ids"][:, 1:].to(device))
+        for row, w in enumerate(ws):
+            total += float(nll[row, w.target_from - w.begin - 1 :].double().sum())
+            count += w.end - w.target_from
+    norm.to(homes[0]), head.to(homes[1])
+    return total, count
+
+
 def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
-               batch_size: int = 1, device=None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``model`` on a 1-D tensor of token ids."""
+               batch_size: int = 1, device=None, progress: bool = True,
+               layerwise: bool = False) -> PerplexityResult:
+    """Perplexity of ``model`` on a 1-D tensor of token ids (``layerwise``: one decoder layer at a
+    time on ``device``, for a model whose weights stay in CPU memory)."""
     stride = stride or seq_len
     if tokens.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens")
@@ -85,7 +116,9 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None = N
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+    if layerwise:
+        total, count = layerwise_window_nll(model, tokens, batches, device, progress)
+    for batch in tqdm([] if layerwise else batches, desc="perplexity", unit="batch", disable=not progress):
         t, c = window_nll(model, tokens, batch, device)
         total, count = total + t, count + c
     model.train(was_training)

@@ -54,10 +54,11 @@ def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
 
 
 def perplexity_metrics(model, tokens: torch.Tensor, cfg: PerplexityConfig, device: torch.device,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, layerwise: bool = False) -> dict[str, Any]:
     """Perplexity and the peak memory it took."""
     with PeakMemory(device) as peak:
-        result = perplexity(model, tokens, cfg.seq_len, cfg.stride, cfg.batch_size, device, progress)
+        result = perplexity(model, tokens, cfg.seq_len, cfg.stride, cfg.batch_size, device, progress,
+                            layerwise=layerwise)
     return {"ppl": result.ppl, "ppl_tokens": result.tokens, "ppl_data": source_label(cfg),
             "peak_memory_bytes": peak.peak_bytes, "peak_memory_kind": peak.kind}
 

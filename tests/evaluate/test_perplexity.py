@@ -62,3 +62,25 @@ def test_bfloat16_model_is_scored_with_float32_log_softmax():
     model = tiny_model("llama", 3).to(torch.bfloat16)
     result = perplexity(model, TOKENS, seq_len=16, progress=False)
     assert math.isfinite(result.ppl) and 100 < result.ppl < 2000  # random model: near vocab size 320
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "gpt_neox"])
+def test_layerwise_perplexity_equals_full_model_perplexity(arch):
+    model = tiny_model(arch, 3)
+    full = perplexity(model, TOKENS, seq_len=16, stride=8, batch_size=3, progress=False)
+    lw = perplexity(model, TOKENS, seq_len=16, stride=8, batch_size=3, progress=False,
+                    layerwise=True, device=torch.device("cpu"))
+    assert (lw.tokens, lw.ppl) == (full.tokens, pytest.approx(full.ppl, rel=1e-6))
+
+
+def test_layerwise_perplexity_applies_gemma2_logit_softcapping():
+    import transformers as tf
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(num_hidden_layers=2, head_dim=16,
+                                                 final_logit_softcapping=0.5, **TINY)).eval()
+    full = perplexity(model, TOKENS, seq_len=16, progress=False)
+    lw = perplexity(model, TOKENS, seq_len=16, progress=False, layerwise=True, device=torch.device("cpu"))
+    assert lw.ppl == pytest.approx(full.ppl, rel=1e-6)
