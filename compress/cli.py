@@ -156,22 +156,11 @@ def compare(runs, out) -> None:
 @user_errors
 def inspect(checkpoint: Path) -> None:
     """Show the provenance of a CHECKPOINT written by compress (compress.json)."""
-    prov_path = checkpoint / "compress.json"
-    if not prov_path.exists():
-        raise CompressError(f"{checkpoint}: no compress.json; was it written by `compress run`?")
-    try:
-        prov = json.loads(prov_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CompressError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    click.echo(f"checkpoint {checkpoint}: stage {prov['stage']} of recipe {prov['recipe_path']}")
-    click.echo(f"source: {prov['source'].get('model')} (sha256 {prov['source'].get('content_sha256')})")
-    click.echo(f"layers: kept {len(prov['kept_layers'])} of {prov['original_num_layers']}; "
-               f"removed (original indices) {prov['removed_layers']}")
-    for st in prov["stages"]:
-        click.echo(f"  - {st['name']}: {st['summary']}")
-    v = prov["versions"]
-    click.echo(f"versions: {', '.join(f'{k} {val}' for k, val in v.items())}")
+    from compress.model_io import PROVENANCE, read_json
+    from compress.report import describe_provenance
 
+    prov = read_json(checkpoint / PROVENANCE, "was it written by `compress run`?")
+    click.echo(describe_provenance(checkpoint, prov))
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
-from compress.model_io import write_atomic
+from compress.model_io import read_json, write_atomic
 from compress.report import table
 
 
@@ -15,13 +14,7 @@ def load_rows(runs: list[Path]) -> list[dict[str, Any]]:
     """Every stage row of every run, tagged ``run/step``."""
     rows = []
     for run in runs:
-        report = run / "report.json"
-        if not report.exists():
-            raise CompressError(f"{run}: no report.json; give folders written by `compress run`")
-        try:
-            data = json.loads(report.read_text())
-        except json.JSONDecodeError as e:
-            raise CompressError(f"{report}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(run / "report.json", "give folders written by `compress run`")
         for row in data["rows"]:
             rows.append({**row, "run": run.name, "step": f"{run.name}/{row['step']}"})
     return rows

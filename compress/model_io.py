@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError
+from compress.evaluate.memory import proc_kib_field
 from compress.faults import crash_point
 from compress.stages.base import ModelFacts
 from compress.surgery import LAYOUTS
@@ -164,13 +165,7 @@ def available_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -226,6 +221,16 @@ def check_fits(config, dtype: torch.dtype, device: torch.device) -> int:
             "use a smaller dtype, another device, or `device_map: auto` to offload"
         )
     return need
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file written by compress; CompressError naming the file if absent or malformed."""
+    if not path.exists():
+        raise CompressError(f"{path.parent}: no {path.name}; {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def write_atomic(path: Path, text: str) -> None:

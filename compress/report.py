@@ -109,3 +109,16 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
             plots.append(rel)
     write_atomic(folder / "report.json", json.dumps(report, indent=2, default=str))
     write_atomic(folder / "report.md", markdown(report, plots))
+
+
+def describe_provenance(checkpoint: Path, prov: dict[str, Any]) -> str:
+    """`compress inspect`: what a checkpoint is, from its compress.json."""
+    source = prov["source"]
+    lines = [f"checkpoint {checkpoint}: stage {prov['stage']} of recipe {prov['recipe_path']}",
+             f"source: {source.get('model')} (revision {source.get('revision') or source.get('commit')}, "
+             f"sha256 {source.get('content_sha256')})",
+             f"layers: kept {len(prov['kept_layers'])} of {prov['original_num_layers']}; "
+             f"removed (original indices) {prov['removed_layers']}"]
+    lines += [f"  - {st['name']}: {st['summary']}" for st in prov["stages"]]
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()))
+    return "\n".join(lines)

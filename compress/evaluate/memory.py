@@ -29,10 +29,11 @@ def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _vm_hwm() -> int | None:
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a ``key: N kB`` line of a /proc file (Linux), None where there is none."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -61,4 +62,4 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
-            self.peak_bytes = _vm_hwm()
+            self.peak_bytes = proc_kib_field("/proc/self/status", "VmHWM")
