@@ -18,7 +18,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,7 @@ class Pipeline:
         rows, records = [self._baseline(model, tokenizer)], []
         layer_ids = self.input_layer_ids()
         for index, spec in enumerate(recipe.stages, start=1):
-            row, record = self._stage(index, spec, model, tokenizer, layer_ids, records)
+            row, record, model = self._stage(index, spec, model, tokenizer, layer_ids, records)
             rows.append(row)
             records.append(record)
             write_report(self.folder, self._report(rows))
@@ -223,7 +223,9 @@ class Pipeline:
         return {"step": "baseline", **entry["metrics"]}
 
     def _stage(self, index, spec, model, tokenizer, layer_ids, records):
+        """Apply (or on resume, replay / reload) one stage, evaluate, save. -> (row, record, model)"""
         stage = STAGES[spec.kind](spec.config)
+        replayable = getattr(stage, "replayable", True)
         entry = self.state.load(index, spec.name)
         if entry is None:
             log.info("stage %d/%d: %s", index, len(self.recipe.stages), spec.name)
@@ -231,14 +233,21 @@ class Pipeline:
                                tokenizer=tokenizer, device=self.device,
                                original_layer_ids=list(layer_ids), log=log)
             record = stage.apply(model, ctx)
+            model = record.new_model if record.new_model is not None else model
             crash_point("stage")
-            entry = {"step": spec.name, "kind": spec.kind, "record": asdict(record)}
+            entry = {"step": spec.name, "kind": spec.kind, "record": record.to_json()}
+            if not replayable:  # its checkpoint is the resume point: write it before the record
+                self._save(index, spec.name, stage, model, tokenizer,
+                           [*records, {"name": spec.name, **entry["record"]}],
+                           self._kept_after(layer_ids, entry), entry, store=False)
             self.state.store(index, spec.name, entry)
-        else:
+        elif replayable:
             log.info("resume: stage %s already done; replaying its record", spec.name)
             stage.replay(model, entry["record"]["replay"])
-        for i in sorted(entry["record"]["removed_layers"], reverse=True):
-            del layer_ids[i]
+        else:
+            log.info("resume: stage %s already done; loading its checkpoint", spec.name)
+            model = self._load_stage_output(stage, self.folder / entry["checkpoint"])
+        layer_ids[:] = self._kept_after(layer_ids, entry)
         if "metrics" not in entry:
             entry["metrics"] = self.measure(spec.name, model, tokenizer)
             self.state.store(index, spec.name, entry)
@@ -249,9 +258,20 @@ class Pipeline:
                "stage_wall_s": entry["record"]["wall_s"], **entry["metrics"]}
         if "checkpoint" in entry:
             row["checkpoint"], row["disk_bytes"] = entry["checkpoint"], entry["disk_bytes"]
-        return row, record
+        return row, record, model
 
-    def _save(self, index, name, stage, model, tokenizer, records, layer_ids, entry) -> None:
+    @staticmethod
+    def _kept_after(layer_ids: list[int], entry) -> list[int]:
+        removed = set(entry["record"]["removed_layers"])
+        return [orig for i, orig in enumerate(layer_ids) if i not in removed]
+
+    def _load_stage_output(self, stage, folder: Path):
+        if hasattr(stage, "load"):
+            return stage.load(folder, self.device)
+        model, _ = load_model(str(folder), dtype=self.dtype, device=self.device)
+        return model
+
+    def _save(self, index, name, stage, model, tokenizer, records, layer_ids, entry, store=True) -> None:
         final = self.folder / "checkpoints" / name
         if "checkpoint" in entry and final.exists():
             log.info("resume: checkpoint %s already written", final)
@@ -260,7 +280,8 @@ class Pipeline:
                         saver=getattr(stage, "save", None))
         entry["checkpoint"] = str(final.relative_to(self.folder))
         entry["disk_bytes"] = disk_bytes(final)
-        self.state.store(index, name, entry)
+        if store:
+            self.state.store(index, name, entry)
 
     def _report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         stages = []

@@ -18,6 +18,7 @@ from compress.cli import main
 from compress.errors import CompressError
 from compress.model_io import content_hash
 from compress.pipeline import run_recipe
+from compress.stages.base import StageConfig, StageRecord
 from compress.surgery import decoder_layers
 
 IDS = torch.randint(1, 320, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -243,3 +244,62 @@ def test_auto_layerwise_when_the_weights_do_not_fit_the_accelerator(recipe, monk
         monkeypatch.setattr(pipeline_module, "check_fits",
                             lambda c, d, dev: (_ for _ in ()).throw(CompressError("has 8.0 GiB free")))
         p.choose_layerwise()
+
+
+class HalveNorm:
+    """A stand-in for a costly stage (like quantization): not replayable, so the pipeline must
+    write its checkpoint and resume from it."""
+
+    name = "halve_norm"
+    needs_calibration = changes_depth = quantizes = False
+    replayable = False
+    applied = 0
+
+    class Config(StageConfig):
+        pass
+
+    def __init__(self, config):
+        self.config = config
+
+    def check(self, facts):
+        return []
+
+    def apply(self, model, ctx):
+        HalveNorm.applied += 1
+        with torch.no_grad():
+            model.model.norm.weight.mul_(0.5)
+        return StageRecord(stage=self.name, summary="halved the final norm")
+
+    def replay(self, model, record):
+        raise AssertionError("not replayable")
+
+
+def test_a_non_replayable_stage_resumes_from_its_checkpoint(recipe, tmp_path, monkeypatch):
+    from compress.stages import STAGES
+
+    monkeypatch.setitem(STAGES, "halve_norm", HalveNorm)
+    body = yaml.safe_load(recipe.read_text())
+    body["stages"].append({"halve_norm": {}})
+    body["save"] = ["layer_removal"]  # halve_norm is saved anyway: it is the resume point
+    recipe.write_text(yaml.safe_dump(body))
+    real = suite.perplexity
+    calls = {"n": 0}
+
+    def crash_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("crash in the evaluation after halve_norm")
+        return real(*a, **k)
+    monkeypatch.setattr(suite, "perplexity", crash_on_third)
+    with pytest.raises(RuntimeError):
+        run_recipe(recipe, progress=False)
+    assert HalveNorm.applied == 1 and (tmp_path / "run/checkpoints/halve_norm/model.safetensors").exists()
+    monkeypatch.setattr(suite, "perplexity", real)
+    resumed = run_recipe(recipe, progress=False)
+    assert HalveNorm.applied == 1  # loaded from its checkpoint, not redone
+    assert [r["layers"] for r in resumed["rows"]] == [5, 3, 3]
+    fresh_recipe = recipe.with_name("fresh.yaml")
+    fresh_recipe.write_text(recipe.read_text().replace("output: run", "output: fresh"))
+    fresh = run_recipe(fresh_recipe, progress=False)
+    assert [r["ppl"] for r in resumed["rows"]] == pytest.approx([r["ppl"] for r in fresh["rows"]], rel=1e-9)
+    assert fresh["rows"][2]["ppl"] != pytest.approx(fresh["rows"][1]["ppl"], rel=1e-3)

@@ -7,6 +7,10 @@ errors), capability flags the recipe check reads, and two methods:
 * ``replay(model, record)``: redo a completed stage from its record without recomputing scores
   (used when a crashed run resumes).
 
+Optional: ``replayable = False`` (a stage too costly to redo, e.g. quantization: the pipeline then
+always writes its checkpoint and resumes by loading it), ``save(model, folder)`` and
+``load(folder, device) -> model`` when ``save_pretrained``/``from_pretrained`` are not the way.
+
 Stages never evaluate, never save and never parse YAML: the pipeline does that.
 """
 
@@ -58,6 +62,10 @@ class StageRecord:
     replay: dict[str, Any] = field(default_factory=dict)
     removed_layers: list[int] = field(default_factory=list)  # current indices before the stage
     wall_s: float = 0.0
+    new_model: Any = field(default=None, repr=False)  # set when the stage built a new model object
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "new_model"}
 
 
 class Stage(Protocol):
