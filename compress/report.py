@@ -12,6 +12,7 @@ COLUMNS = [  # (key, header, format)
     ("step", "step", "{}"),
     ("layers", "layers", "{}"),
     ("params", "params (M)", "{:.2f}"),
+    ("bits", "bits", "{}"),
     ("weight_bytes", "weights (MiB)", "{:.1f}"),
     ("ppl", "ppl", "{:.3f}"),
     ("disk_bytes", "disk (MiB)", "{:.1f}"),

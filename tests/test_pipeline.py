@@ -19,6 +19,7 @@ from compress.errors import CompressError
 from compress.model_io import content_hash
 from compress.pipeline import run_recipe
 from compress.stages.base import StageConfig, StageRecord
+from conftest import tiny_model
 from compress.surgery import decoder_layers
 
 IDS = torch.randint(1, 320, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -303,3 +304,16 @@ def test_a_non_replayable_stage_resumes_from_its_checkpoint(recipe, tmp_path, mo
     fresh = run_recipe(fresh_recipe, progress=False)
     assert [r["ppl"] for r in resumed["rows"]] == pytest.approx([r["ppl"] for r in fresh["rows"]], rel=1e-9)
     assert fresh["rows"][2]["ppl"] != pytest.approx(fresh["rows"][1]["ppl"], rel=1e-3)
+
+
+def test_size_metrics_bits():
+    from compress.evaluate.suite import size_metrics
+
+    model = tiny_model("llama", 2)
+    m32 = size_metrics(model)
+    m16 = size_metrics(model.to(torch.bfloat16))
+    assert (m32["bits"], m16["bits"]) == (32, 16)
+    assert m32["weight_bytes"] == 2 * m16["weight_bytes"] == 4 * m32["params"]
+    assert (m32["bits_per_param"], m16["bits_per_param"]) == (32, 16)
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    assert size_metrics(model)["bits"] == 4

@@ -41,9 +41,23 @@ class EfficiencyConfig(BaseModel):
     fast_path: bool = True  # also time decoding with a static KV cache
 
 
+def nominal_bits(model) -> int:
+    """The bit width a user would name: the quantizer's ``bits``, else the weights' float width."""
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None:
+        bits = quant.get("bits") if isinstance(quant, dict) else getattr(quant, "bits", None)
+        if bits is None and (getattr(quant, "load_in_4bit", False) or (isinstance(quant, dict) and quant.get("load_in_4bit"))):
+            bits = 4
+        if bits is not None:
+            return int(bits)
+    return torch.finfo(next(model.parameters()).dtype).bits
+
+
 def size_metrics(model) -> dict[str, Any]:
-    return {"layers": len(decoder_layers(model)), "params": parameter_count(model),
-            "weight_bytes": weight_bytes(model)}
+    """Layers, parameters, nominal bits, and bytes of weights as stored (bits per parameter)."""
+    params, stored = parameter_count(model), weight_bytes(model)
+    return {"layers": len(decoder_layers(model)), "params": params, "bits": nominal_bits(model),
+            "weight_bytes": stored, "bits_per_param": 8 * stored / params}
 
 
 def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
