@@ -21,7 +21,8 @@ setup(
         "datasets>=3.0,<6",  # imported only when a recipe names a hub dataset
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
+        # lm-eval: the MMLU parity test runs its own scoring code (offline, local data)
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "lm-eval==0.4.13"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -109,6 +109,9 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
 @click.option("--ppl-split", default="test", show_default=True)
 @click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
 @click.option("--max-tokens", default=1_000_000, show_default=True, type=click.IntRange(min=2))
+@click.option("--mmlu", "mmlu", help="MMLU: a local folder (CSV layout) or JSONL file, or a hub id (cais/mmlu).")
+@click.option("--shots", default=5, show_default=True, type=click.IntRange(0, 20))
+@click.option("--limit", type=click.IntRange(min=1), help="MMLU questions per subject.")
 @click.option("--efficiency", is_flag=True, help="Also measure prefill latency and decode tokens/s.")
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
@@ -116,10 +119,10 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the result row as JSON here.")
 @user_errors
-def evaluate(model, ppl, ppl_split, seq_len, max_tokens, efficiency, prompt_tokens, new_tokens, dtype,
-             device, out) -> None:
+def evaluate(model, ppl, ppl_split, seq_len, max_tokens, mmlu, shots, limit, efficiency, prompt_tokens,
+             new_tokens, dtype, device, out) -> None:
     """Evaluate any MODEL (hub id or folder, ours or not): size, perplexity, latency."""
-    from compress.evaluate.suite import EfficiencyConfig, PerplexityConfig, evaluate_model
+    from compress.evaluate.suite import EfficiencyConfig, MMLUConfig, PerplexityConfig, evaluate_model
     from compress.report import table
 
     source = None
@@ -131,7 +134,12 @@ def evaluate(model, ppl, ppl_split, seq_len, max_tokens, efficiency, prompt_toke
         if is_path and not Path(ppl).exists():
             raise CompressError(f"--ppl: {ppl} does not exist")
     eff = EfficiencyConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens) if efficiency else None
-    row = evaluate_model(model, ppl=source, efficiency=eff, dtype=dtype, device=device)
+    mm = None
+    if mmlu is not None:
+        local = Path(mmlu).exists()
+        mm = MMLUConfig(path=str(Path(mmlu).resolve()) if local else None, dataset=None if local else mmlu,
+                        shots=shots, limit=limit)
+    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, dtype=dtype, device=device)
     click.echo(table([row]))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.faults import crash_point
 from compress.evaluate.memory import disk_bytes
-from compress.evaluate.suite import efficiency_metrics, perplexity_metrics, perplexity_tokens, size_metrics
+from compress.evaluate.suite import (efficiency_metrics, mmlu_metrics, mmlu_questions, perplexity_metrics,
+                                     perplexity_tokens, size_metrics)
 from compress.model_io import (PROVENANCE, check_fits, check_fits_anywhere, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
 from compress.recipe import Recipe, check_against_model, load_recipe
@@ -113,6 +114,7 @@ class Pipeline:
         self.state = RunState(self.folder)
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._eval_tokens: torch.Tensor | None = None
+        self._mmlu = None
 
     def choose_layerwise(self) -> bool:
         """Keep the weights in CPU memory and run layer by layer on the device? Yes if the recipe
@@ -157,6 +159,10 @@ class Pipeline:
             metrics.update(perplexity_metrics(model, self._eval_tokens, evaluate.perplexity,
                                               self.device, self.progress, layerwise=self.layerwise))
             crash_point("evaluation")
+        if evaluate.mmlu is not None and self.should_evaluate(step):
+            if self._mmlu is None:
+                self._mmlu = mmlu_questions(evaluate.mmlu)
+            metrics.update(mmlu_metrics(model, tokenizer, self._mmlu, evaluate.mmlu, self.progress))
         if evaluate.efficiency is not None and self.should_evaluate(step):
             if self.layerwise:  # latency of a model streamed layer by layer says nothing
                 metrics["latency_skipped"] = "weights in CPU memory (layer-wise run); use `compress eval` where it fits"
@@ -231,7 +237,7 @@ class Pipeline:
             log.info("stage %d/%d: %s", index, len(self.recipe.stages), spec.name)
             ctx = StageContext(calibration=self.calibration(tokenizer) if stage.needs_calibration else [],
                                tokenizer=tokenizer, device=self.device,
-                               original_layer_ids=list(layer_ids), log=log)
+                               original_layer_ids=list(layer_ids), log=log, progress=self.progress)
             record = stage.apply(model, ctx)
             model = record.new_model if record.new_model is not None else model
             crash_point("stage")

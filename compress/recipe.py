@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.data.sources import TextSource
 from compress.errors import CompressError
-from compress.evaluate.suite import EfficiencyConfig, PerplexityConfig
+from compress.evaluate.suite import EfficiencyConfig, MMLUConfig, PerplexityConfig
 from compress.model_io import local_model_dir, parse_size
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
@@ -46,6 +46,7 @@ class CalibrationConfig(TextSource):
 class EvaluateConfig(_Strict):
     after: list[str] = ["baseline", "every_stage"]
     perplexity: PerplexityConfig | None = None
+    mmlu: MMLUConfig | None = None
     efficiency: EfficiencyConfig | None = None
 
 
@@ -239,7 +240,7 @@ def _resolve_model(model: str, base: Path, errors: list[str]) -> tuple[str, bool
     return model, False
 
 
-def _resolve_source(source: TextSource | None, base: Path, key: str, errors: list[str]):
+def _resolve_source(source, base: Path, key: str, errors: list[str]):
     if source is None or source.path is None:
         return source
     path = (base / Path(source.path).expanduser()).resolve()
@@ -293,7 +294,8 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
         errors.append(f"output: {output} is inside the input model folder {model}; choose another folder")
     calibration = _resolve_source(top.calibration, base, "calibration", errors)
     ppl = _resolve_source(top.evaluate.perplexity, base, "evaluate.perplexity", errors)
-    evaluate = top.evaluate.model_copy(update={"perplexity": ppl})
+    mmlu = _resolve_source(top.evaluate.mmlu, base, "evaluate.mmlu", errors)
+    evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu})
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,
         dtype=top.dtype, device=top.device, device_map=top.device_map, max_memory=top.max_memory,

@@ -15,6 +15,7 @@ COLUMNS = [  # (key, header, format)
     ("bits", "bits", "{}"),
     ("weight_bytes", "weights (MiB)", "{:.1f}"),
     ("ppl", "ppl", "{:.3f}"),
+    ("mmlu", "MMLU", "{:.3f}"),
     ("disk_bytes", "disk (MiB)", "{:.1f}"),
     ("peak_memory_bytes", "peak mem (MiB)", "{:.0f}"),
     ("prefill_ms", "prefill ms", "{:.1f}"),
@@ -23,7 +24,7 @@ COLUMNS = [  # (key, header, format)
     ("eval_wall_s", "eval s", "{:.1f}"),
 ]
 _SCALE = {"params": 1e-6, "weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20, "disk_bytes": 1 / 2**20}
-_DELTAS = ("params", "weight_bytes", "ppl", "prefill_ms", "decode_tok_s")
+_DELTAS = ("params", "weight_bytes", "ppl", "mmlu", "prefill_ms", "decode_tok_s")
 
 
 def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

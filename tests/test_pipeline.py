@@ -317,3 +317,18 @@ def test_size_metrics_bits():
     assert (m32["bits_per_param"], m16["bits_per_param"]) == (32, 16)
     model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
     assert size_metrics(model)["bits"] == 4
+
+
+def test_mmlu_after_every_stage(recipe, tmp_path):
+    mmlu = tmp_path / "mmlu/test"
+    mmlu.mkdir(parents=True)
+    for subject in ("astronomy", "anatomy"):
+        (mmlu / f"{subject}_test.csv").write_text("".join(f"Q{i}?,a{i},b{i},c{i},d{i},{'ABCD'[i % 4]}\n" for i in range(5)))
+    body = yaml.safe_load(recipe.read_text())
+    body["evaluate"]["mmlu"] = {"path": "mmlu", "shots": 1, "limit": 3}
+    recipe.write_text(yaml.safe_dump(body))
+    report = run_recipe(recipe, progress=False)
+    for row in report["rows"]:
+        assert row["mmlu_questions"] == 6 and row["mmlu_exemplars"] == "first-k-of-test"
+        assert 0 <= row["mmlu"] <= 1 and set(row["mmlu_per_subject"]) == {"astronomy", "anatomy"}
+    assert "MMLU" in (tmp_path / "run/report.md").read_text()

@@ -53,6 +53,46 @@ def nominal_bits(model) -> int:
     return torch.finfo(next(model.parameters()).dtype).bits
 
 
+class MMLUConfig(BaseModel):
+    """MMLU as lm-eval's `mmlu` task: from the hub (``dataset``, e.g. cais/mmlu) or disk (``path``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str | None = None
+    path: str | None = None
+    shots: int = Field(5, ge=0, le=20)
+    limit: int | None = Field(None, ge=1)  # questions per subject
+    subjects: list[str] | None = None
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of `dataset` (e.g. cais/mmlu) or `path` (local CSV folder or JSONL)")
+        return self
+
+
+def mmlu_questions(cfg: MMLUConfig):
+    """(test questions by subject, dev questions by subject or {})."""
+    from compress.data.mmlu import load_mmlu
+
+    source, hub = (cfg.dataset, True) if cfg.dataset else (cfg.path, False)
+    test = load_mmlu(source, "test", cfg.subjects, hub=hub)
+    dev = load_mmlu(source, "dev", cfg.subjects, hub=hub) if cfg.shots else {}
+    return test, dev
+
+
+def mmlu_metrics(model, tokenizer, questions, cfg: MMLUConfig, progress: bool = True) -> dict[str, Any]:
+    from compress.evaluate.mmlu import evaluate_mmlu
+
+    test, dev = questions
+    r = evaluate_mmlu(model, tokenizer, test, shots=cfg.shots, dev_by_subject=dev, limit=cfg.limit,
+                      batch_size=cfg.batch_size, progress=progress)
+    return {"mmlu": r.macro, "mmlu_micro": r.micro, "mmlu_questions": r.n_questions, "mmlu_shots": r.shots,
+            "mmlu_exemplars": r.exemplar_source,
+            "mmlu_per_subject": {s: acc for s, (_, n, acc) in r.per_subject.items() if n}}
+
+
 def size_metrics(model) -> dict[str, Any]:
     """Layers, parameters, nominal bits, and bytes of weights as stored (bits per parameter)."""
     params, stored = parameter_count(model), weight_bytes(model)
@@ -101,7 +141,8 @@ def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
 
 
 def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: EfficiencyConfig | None,
-                   dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                   mmlu: MMLUConfig | None = None, dtype: str = "auto", device: str = "auto",
+                   progress: bool = True) -> dict[str, Any]:
     """`compress eval`: size, perplexity and latency of any model (ours or not)."""
     from pathlib import Path
 
@@ -118,6 +159,8 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
         row["disk_bytes"] = disk_bytes(local)
     if ppl is not None:
         row.update(perplexity_metrics(net, perplexity_tokens(tokenizer, ppl), ppl, dev, progress))
+    if mmlu is not None:
+        row.update(mmlu_metrics(net, tokenizer, mmlu_questions(mmlu), mmlu, progress))
     if efficiency is not None:
         row.update(efficiency_metrics(net, efficiency))
     return row

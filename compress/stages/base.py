@@ -50,6 +50,7 @@ class StageContext:
     device: torch.device
     original_layer_ids: list[int]  # current layer index -> index in the input model
     log: Any
+    progress: bool = True  # show progress bars
 
 
 @dataclass

@@ -106,7 +106,7 @@ class LayerRemoval:
         else:
             ctx.log.info("scoring %d layers with %s on %d calibration batches (%s)",
                          num_layers, self.metric, len(ctx.calibration), ctx.device)
-            scores = score_layers(model, self.metric, ctx.calibration,
+            scores = score_layers(model, self.metric, ctx.calibration, progress=ctx.progress,
                                   layerwise_on=self.layerwise_device(model, ctx.device))
             chosen = lowest(scores, self.count(num_layers))
         original = [ctx.original_layer_ids[i] for i in chosen]
