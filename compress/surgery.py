@@ -176,3 +176,101 @@ class skip_layers:
     def __exit__(self, *exc) -> None:
         for i, layer in self.saved.items():
             self.layers[i] = layer
+
+
+# ---- width: attention heads and MLP channels ------------------------------------------------------
+# Architectures with separate q/k/v/o and gate/up/down projections (the Llama family).
+WIDTH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "smollm3")
+
+
+def _check_width_type(config) -> None:
+    if config.model_type not in WIDTH_TYPES:
+        raise CompressError(f"head/width pruning supports model types {list(WIDTH_TYPES)}; "
+                            f"got {config.model_type!r} (fused projections are not sliced)")
+
+
+def _slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
+    """Keep only ``keep`` indices of a Linear's output (dim 0) or input (dim 1) features, in place."""
+    with torch.no_grad():
+        linear.weight = nn.Parameter(linear.weight.index_select(dim, keep.to(linear.weight.device)).clone())
+        if dim == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, keep.to(linear.bias.device)).clone())
+    if dim == 0:
+        linear.out_features = len(keep)
+    else:
+        linear.in_features = len(keep)
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def remove_heads(model: nn.Module, query_heads: list[list[int]], kv_heads: list[list[int]] | None = None) -> None:
+    """Remove query heads ``query_heads[i]`` (and KV heads ``kv_heads[i]``) from layer i, in place.
+
+    Every layer must end with the same head counts, and every kept KV group with the same number
+    of query heads, so the config stays standard (num_attention_heads % num_key_value_heads == 0).
+    Removing a KV head needs all of its query heads removed. ``config.head_dim`` is set explicitly
+    so the head size is unchanged."""
+    config = model.config
+    _check_width_type(config)
+    layers = decoder_layers(model)
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_q
+    kv_heads = kv_heads or [[] for _ in layers]
+    if len(query_heads) != len(layers) or len(kv_heads) != len(layers):
+        raise CompressError(f"give heads to remove for each of the {len(layers)} layers")
+    shapes = {_kept_heads(q, kv, n_q, n_kv)[2] for q, kv in zip(query_heads, kv_heads)}
+    if len(shapes) != 1:
+        raise CompressError(f"every layer must keep the same head counts; got (query, kv) {sorted(shapes)}")
+    for layer, drop_q, drop_kv in zip(layers, query_heads, kv_heads):
+        keep_q, keep_kv, (new_q, new_kv) = _kept_heads(drop_q, drop_kv, n_q, n_kv)
+        attn = layer.self_attn
+        _slice_linear(attn.q_proj, _head_rows(keep_q, head_dim), 0)
+        _slice_linear(attn.o_proj, _head_rows(keep_q, head_dim), 1)
+        _slice_linear(attn.k_proj, _head_rows(keep_kv, head_dim), 0)
+        _slice_linear(attn.v_proj, _head_rows(keep_kv, head_dim), 0)
+        attn.num_key_value_groups = new_q // new_kv
+        attn.head_dim = head_dim
+    config.head_dim = head_dim
+    config.num_attention_heads, config.num_key_value_heads = shapes.pop()
+
+
+def _kept_heads(drop_q, drop_kv, n_q: int, n_kv: int):
+    """(kept query heads, kept KV heads, (count q, count kv)) for one layer; CompressError if the
+    result would break grouped-query attention."""
+    per_group = n_q // n_kv
+    drop, drop_kv = set(drop_q), set(drop_kv)
+    if any(not 0 <= h < n_q for h in drop) or any(not 0 <= g < n_kv for g in drop_kv):
+        raise CompressError(f"head indices out of range (query 0..{n_q - 1}, kv 0..{n_kv - 1})")
+    for g in drop_kv:
+        if not set(range(g * per_group, (g + 1) * per_group)) <= drop:
+            raise CompressError(f"removing KV head {g} needs its query heads "
+                                f"{list(range(g * per_group, (g + 1) * per_group))} removed too")
+    kept_groups = [g for g in range(n_kv) if g not in drop_kv]
+    counts = {sum(h not in drop for h in range(g * per_group, (g + 1) * per_group)) for g in kept_groups}
+    if not kept_groups or len(counts) != 1 or 0 in counts:
+        raise CompressError(f"every kept KV group must keep the same, non-zero number of query heads "
+                            f"({n_q} query heads in {n_kv} groups of {per_group}); got {sorted(drop)}")
+    keep_q = [h for h in range(n_q) if h not in drop]
+    return keep_q, kept_groups, (len(keep_q), len(kept_groups))
+
+
+def remove_channels(model: nn.Module, channels: list[list[int]]) -> None:
+    """Remove MLP intermediate channels, ``channels[i]`` from layer i, the same count in every
+    layer so ``intermediate_size`` stays one number; slices gate/up (rows) and down (columns)."""
+    config = model.config
+    _check_width_type(config)
+    layers = decoder_layers(model)
+    width = config.intermediate_size
+    if len(channels) != len(layers) or len({len(set(c)) for c in channels}) != 1:
+        raise CompressError("give the same number of distinct channels to remove for every layer")
+    n = len(set(channels[0]))
+    if not 0 < n < width or any(not 0 <= c < width for cs in channels for c in cs):
+        raise CompressError(f"channels to remove must be 1..{width - 1} indices in 0..{width - 1}")
+    for layer, drop in zip(layers, channels):
+        keep = torch.tensor([c for c in range(width) if c not in set(drop)])
+        _slice_linear(layer.mlp.gate_proj, keep, 0)
+        _slice_linear(layer.mlp.up_proj, keep, 0)
+        _slice_linear(layer.mlp.down_proj, keep, 1)
+    config.intermediate_size = width - n

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from compress.stages.head_pruning import HeadPruning
 from compress.stages.layer_removal import LayerRemoval
+from compress.stages.width_pruning import WidthPruning
 
 STAGES = {
     LayerRemoval.name: LayerRemoval,
+    HeadPruning.name: HeadPruning,
+    WidthPruning.name: WidthPruning,
 }
 
 # Stages the recipe schema knows but this version cannot run yet: a clear error, never a skip.

@@ -1,0 +1,108 @@
+"""Stage ``head_pruning``: remove the least important attention heads, the same number in every
+layer and every KV group, so the result is a standard config (GQA intact, head size unchanged).
+
+Sample yaml::
+
+    - head_pruning: {metric: norm, remove: 3}            # 3 query heads per layer (1 per KV group of 3)
+    - head_pruning: {metric: norm, remove: 1, kv_groups: true}   # 1 whole KV group per layer
+
+:param metric: ``norm`` (size of each head's contribution through o_proj) or ``ablation``
+    (calibration NLL increase when the head is zeroed; L x H forward passes).
+:param remove: query heads to remove per layer (a multiple of the KV head count), or with
+    ``kv_groups: true`` the number of whole KV groups (with their query heads) per layer.
+:param fraction: share of query heads (or KV groups) per layer instead of ``remove``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from compress.importance.heads import head_scores
+from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
+from compress.surgery import WIDTH_TYPES, remove_heads
+
+
+class HeadPruningConfig(StageConfig):
+    metric: Literal["norm", "ablation"] = "norm"
+    remove: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    kv_groups: bool = False
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if (self.remove is None) == (self.fraction is None):
+            raise ValueError("give exactly one of remove, fraction")
+        return self
+
+
+class HeadPruning:
+    name: ClassVar[str] = "head_pruning"
+    Config: ClassVar = HeadPruningConfig
+    needs_calibration: ClassVar[bool] = True
+    changes_depth: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = False
+
+    def __init__(self, config: HeadPruningConfig) -> None:
+        self.config = config
+
+    def count(self, total: int) -> int:
+        return self.config.remove if self.config.remove is not None else int(round(self.config.fraction * total))
+
+    def check(self, facts: ModelFacts) -> list[str]:
+        if facts.model_type not in WIDTH_TYPES:
+            return [f"model type {facts.model_type!r} is not supported; supported: {list(WIDTH_TYPES)}"]
+        if facts.quantized:
+            return ["the model is quantized; prune heads before quantization"]
+        n_q, n_kv = facts.num_attention_heads, facts.num_key_value_heads or facts.num_attention_heads
+        key = "remove" if self.config.remove is not None else "fraction"
+        if self.config.kv_groups:
+            k = self.count(n_kv)
+            if not 0 < k < n_kv:
+                return [f"{key}: would remove {k} of {n_kv} KV groups; allowed 1..{n_kv - 1}"]
+            return []
+        k = self.count(n_q)
+        if not 0 < k < n_q:
+            return [f"{key}: would remove {k} of {n_q} query heads per layer; allowed 1..{n_q - 1}"]
+        if k % n_kv or k // n_kv >= n_q // n_kv:
+            return [f"{key}: {k} query heads cannot come equally from {n_kv} KV groups of {n_q // n_kv} "
+                    f"(use a multiple of {n_kv} below {n_q}, or kv_groups: true)"]
+        return []
+
+    def choose(self, scores, n_q: int, n_kv: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Per layer: the lowest-scoring heads in each KV group (or the lowest-scoring groups)."""
+        per_group, queries, kvs = n_q // n_kv, [], []
+        for row in scores.tolist():
+            groups = [list(range(g * per_group, (g + 1) * per_group)) for g in range(n_kv)]
+            if self.config.kv_groups:
+                worst = sorted(range(n_kv), key=lambda g: (sum(row[h] for h in groups[g]), g))[: self.count(n_kv)]
+                kvs.append(sorted(worst))
+                queries.append(sorted(h for g in worst for h in groups[g]))
+            else:
+                r = self.count(n_q) // n_kv
+                queries.append(sorted(h for g in groups for h in sorted(g, key=lambda h: (row[h], h))[:r]))
+                kvs.append([])
+        return queries, kvs
+
+    def apply(self, model, ctx: StageContext) -> StageRecord:
+        start = time.perf_counter()
+        c = model.config
+        n_q, n_kv = c.num_attention_heads, c.num_key_value_heads
+        ctx.log.info("scoring %d heads x %d layers with %s", n_q, c.num_hidden_layers, self.config.metric)
+        scores = head_scores(model, ctx.calibration, self.config.metric)
+        queries, kvs = self.choose(scores, n_q, n_kv)
+        remove_heads(model, queries, kvs)
+        return StageRecord(
+            stage=self.name,
+            summary=f"heads per layer {n_q}/{n_kv} -> {c.num_attention_heads}/{c.num_key_value_heads} "
+                    f"(query/KV) by {self.config.metric}",
+            details={"metric": self.config.metric, "head_scores": scores.tolist(),
+                     "removed_query_heads": queries, "removed_kv_heads": kvs},
+            replay={"query_heads": queries, "kv_heads": kvs},
+            wall_s=time.perf_counter() - start,
+        )
+
+    def replay(self, model, record: dict[str, Any]) -> None:
+        remove_heads(model, record["query_heads"], record["kv_heads"])
