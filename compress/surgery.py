@@ -274,3 +274,78 @@ def remove_channels(model: nn.Module, channels: list[list[int]]) -> None:
         _slice_linear(layer.mlp.up_proj, keep, 0)
         _slice_linear(layer.mlp.down_proj, keep, 1)
     config.intermediate_size = width - n
+
+
+# ---- layer merging (SLM) --------------------------------------------------------------------------
+def _merge_params(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights and biases of the attention and MLP projections of a decoder layer (not norms)."""
+    out = {}
+    for block in ("self_attn", "mlp"):
+        for name, module in getattr(layer, block).named_modules():
+            if isinstance(module, nn.Linear):
+                for pname, p in module.named_parameters(recurse=False):
+                    out[f"{block}.{name}.{pname}"] = p
+    return out
+
+
+@torch.no_grad()
+def merged_weights(layers: nn.ModuleList, low: int, high: int, rule: str) -> dict[str, torch.Tensor]:
+    """Projection weights of layers low..high merged into one layer (SLM, arXiv 2502.19159).
+
+    ``delta_sum`` (the paper's rule): θ = θ_low + Σ_{j=low+1..high} (θ_j − θ_low).
+    ``top``: what the released reference code computes by updating θ_low in place while summing
+    (each step subtracts the already-updated weights), which leaves θ_high."""
+    base = _merge_params(layers[low])
+    if rule == "top":
+        return {k: v.detach().clone() for k, v in _merge_params(layers[high]).items()}
+    if rule != "delta_sum":
+        raise ValueError(f"merge rule must be delta_sum or top, got {rule!r}")
+    merged = {k: v.detach().clone().float() for k, v in base.items()}
+    for j in range(low + 1, high + 1):
+        for k, p in _merge_params(layers[j]).items():
+            merged[k] += p.detach().float() - base[k].detach().float()
+    return {k: v.to(base[k].dtype) for k, v in merged.items()}
+
+
+def _assign(layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = _merge_params(layer)
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+
+
+class merged_view:
+    """Context manager: the model behaves as if ``windows`` [(low, high), ...] were merged (layer low
+    holds the merged weights, low+1..high are skipped); everything is restored on exit."""
+
+    def __init__(self, model: nn.Module, windows: list[tuple[int, int]], rule: str) -> None:
+        self.model, self.windows, self.rule = model, windows, rule
+        self.saved: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def __enter__(self) -> None:
+        layers = decoder_layers(self.model)
+        merged = [(low, merged_weights(layers, low, high, self.rule)) for low, high in self.windows]
+        for low, weights in merged:
+            self.saved.append((low, {k: p.detach().clone() for k, p in _merge_params(layers[low]).items()}))
+            _assign(layers[low], weights)
+        self.skip = skip_layers(self.model, [j for low, high in self.windows for j in range(low + 1, high + 1)])
+        self.skip.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.skip.__exit__(*exc)
+        layers = decoder_layers(self.model)
+        for low, weights in self.saved:
+            _assign(layers[low], weights)
+
+
+def merge_layers(model: nn.Module, windows: list[tuple[int, int]], rule: str = "delta_sum") -> list[int]:
+    """Merge each window (low, high) into layer low and remove low+1..high, in place. Windows are
+    disjoint, in current numbering. Returns the removed indices (current numbering)."""
+    layers = decoder_layers(model)
+    for low, high in sorted(windows, reverse=True):
+        if not 0 <= low < high < len(layers):
+            raise CompressError(f"merge window ({low}, {high}) is not within 0..{len(layers) - 1} with low < high")
+        _assign(layers[low], merged_weights(layers, low, high, rule))
+    removed = sorted(j for low, high in windows for j in range(low + 1, high + 1))
+    remove_layers(model, removed)
+    return removed

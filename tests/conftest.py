@@ -14,7 +14,7 @@ FETCH = REPO.parent / "shared" / "assets" / "fetch.sh"
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=320, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
             pad_token_id=0)
-MIXED = ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+MIXED = ["sliding_attention", "full_attention"] * 4
 
 
 def _config(kind: str, layers: int):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from compress.stages.head_pruning import HeadPruning
+from compress.stages.layer_merge import LayerMerge
 from compress.stages.layer_removal import LayerRemoval
 from compress.stages.width_pruning import WidthPruning
 
 STAGES = {
     LayerRemoval.name: LayerRemoval,
+    LayerMerge.name: LayerMerge,
     HeadPruning.name: HeadPruning,
     WidthPruning.name: WidthPruning,
 }

@@ -1,0 +1,132 @@
+"""Stage ``layer_merge``: sliding layer merging (SLM, arXiv 2502.19159).
+
+Walk from the top of the network down (the last layer is never touched) with a window
+[low, high] of consecutive layers: merge the window into one layer and compare the merged model's
+output with the original's on the calibration text; while the similarity stays at or above the
+threshold, extend the window down; when it falls below, commit the previous window (if it held
+more than one layer) and start a new window right below it. Merge rule as the paper states it:
+θ = θ_low + Σ_{j≠low} (θ_j − θ_low) over the attention and MLP projections; norms stay the low
+layer's. ``merge_rule: top`` reproduces the released code, whose in-place update leaves θ_high.
+
+Sample yaml::
+
+    - layer_merge: {threshold: 0.72}                 # the reference default
+    - layer_merge: {remove: 7, similarity: cka}      # search the threshold that removes 7 layers
+
+:param threshold: similarity a merged window must keep (0..1).
+:param remove: instead of a threshold, the number of layers to remove (threshold found by bisection).
+:param similarity: ``cosine`` (final hidden states, as the reference code) or ``cka`` (linear CKA).
+:param merge_rule: ``delta_sum`` (the paper) or ``top`` (the reference code's effective rule).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from compress.importance.similarity import SIMILARITIES, final_hidden_states
+from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
+from compress.surgery import decoder_layers, merge_layers, merged_view
+
+
+class LayerMergeConfig(StageConfig):
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    remove: int | None = Field(None, ge=1)
+    similarity: Literal["cosine", "cka"] = "cosine"
+    merge_rule: Literal["delta_sum", "top"] = "delta_sum"
+    search_steps: int = Field(14, ge=1, le=40)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.threshold is None) == (self.remove is None):
+            raise ValueError("give exactly one of threshold (e.g. 0.72) or remove (layers to remove)")
+        return self
+
+
+def slm_windows(model, batches, reference, threshold: float, similarity: str, rule: str) -> list[tuple[int, int]]:
+    """The windows SLM commits at ``threshold`` (current layer numbering, top window first)."""
+    measure = SIMILARITIES[similarity]
+    committed: list[tuple[int, int]] = []
+    high = len(decoder_layers(model)) - 2  # the last layer is never merged
+    while high > 0:
+        best = high
+        while best - 1 >= 0:
+            with merged_view(model, committed + [(best - 1, high)], rule):
+                if measure(reference, final_hidden_states(model, batches)) < threshold:
+                    break
+            best -= 1
+        if best < high:
+            committed.append((best, high))
+        high = best - 1
+    return committed
+
+
+def removed_count(windows: list[tuple[int, int]]) -> int:
+    return sum(high - low for low, high in windows)
+
+
+class LayerMerge:
+    name: ClassVar[str] = "layer_merge"
+    Config: ClassVar = LayerMergeConfig
+    needs_calibration: ClassVar[bool] = True
+    changes_depth: ClassVar[bool] = True
+    quantizes: ClassVar[bool] = False
+
+    def __init__(self, config: LayerMergeConfig) -> None:
+        self.config = config
+
+    def layers_removed(self, num_layers: int) -> int:
+        return self.config.remove or 0
+
+    def check(self, facts: ModelFacts) -> list[str]:
+        if facts.quantized:
+            return ["the model is quantized; merge layers before quantization"]
+        if self.config.remove is not None and self.config.remove > facts.num_layers - 2:
+            return [f"remove: {self.config.remove} of {facts.num_layers} layers; SLM never merges the "
+                    f"last layer and keeps one per window (max {facts.num_layers - 2})"]
+        return []
+
+    def search(self, model, batches, reference, log) -> tuple[float, list[tuple[int, int]]]:
+        """Bisect the threshold so that SLM removes ``remove`` layers (closest from below if exact
+        is not reachable)."""
+        c = self.config
+        lo, hi, best = 0.0, 1.0, (1.0, [])
+        for _ in range(c.search_steps):
+            mid = (lo + hi) / 2
+            windows = slm_windows(model, batches, reference, mid, c.similarity, c.merge_rule)
+            n = removed_count(windows)
+            log.info("layer_merge: threshold %.5f removes %d layers", mid, n)
+            if n <= c.remove and n >= removed_count(best[1]):
+                best = (mid, windows)
+            if n == c.remove:
+                break
+            lo, hi = (mid, hi) if n > c.remove else (lo, mid)
+        return best
+
+    def apply(self, model, ctx: StageContext) -> StageRecord:
+        start = time.perf_counter()
+        c = self.config
+        num_layers = len(decoder_layers(model))
+        reference = final_hidden_states(model, ctx.calibration)
+        if c.threshold is not None:
+            threshold = c.threshold
+            windows = slm_windows(model, ctx.calibration, reference, threshold, c.similarity, c.merge_rule)
+        else:
+            threshold, windows = self.search(model, ctx.calibration, reference, ctx.log)
+        removed = merge_layers(model, windows, c.merge_rule)
+        groups = [[ctx.original_layer_ids[j] for j in range(low, high + 1)] for low, high in sorted(windows)]
+        return StageRecord(
+            stage=self.name,
+            summary=f"merged {len(windows)} window(s) {groups} (original indices): {num_layers} -> "
+                    f"{num_layers - len(removed)} layers, {c.similarity} >= {threshold:.4f}, {c.merge_rule}",
+            details={"threshold": threshold, "similarity": c.similarity, "merge_rule": c.merge_rule,
+                     "windows": sorted(windows), "merged_groups_original": groups},
+            replay={"windows": sorted(windows), "rule": c.merge_rule},
+            removed_layers=removed,
+            wall_s=time.perf_counter() - start,
+        )
+
+    def replay(self, model, record: dict[str, Any]) -> None:
+        merge_layers(model, [tuple(w) for w in record["windows"]], record["rule"])
