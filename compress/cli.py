@@ -77,7 +77,8 @@ def validate(recipe: Path) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--metric", default="bi", show_default=True,
-              help="bi, angular, relative_magnitude, ppl_drop, sequential, reverse.")
+              help="Layers: bi, angular, relative_magnitude, ppl_drop, sequential, reverse; "
+                   "units: heads, heads_ablation, channels.")
 @click.option("--data", "data", help="Local .txt/.jsonl file or folder for calibration text.")
 @click.option("--dataset", help="Hub dataset (pg19 or a hub id) instead of --data.")
 @click.option("--split", default="validation", show_default=True)
@@ -98,7 +99,7 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
     result = score_model(model, metric=metric, data=data, dataset=dataset, split=split,
                          samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out,
                          layerwise=layerwise)
-    click.echo(result.table())
+    click.echo(result if isinstance(result, str) else result.table())
     if out:
         click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")
 

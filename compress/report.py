@@ -124,3 +124,50 @@ def describe_provenance(checkpoint: Path, prov: dict[str, Any]) -> str:
     lines += [f"  - {st['name']}: {st['summary']}" for st in prov["stages"]]
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()))
     return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_head_heatmap(scores: list[list[float]], path: Path, title: str) -> None:
+    """Layers x heads heat map of head importance."""
+    plt = _pyplot()
+    n_layers, n_heads = len(scores), len(scores[0])
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * n_heads + 2.5), max(4, 0.22 * n_layers + 1.5)), dpi=120)
+    im = ax.imshow(scores, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xlabel("attention head (query)")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(n_heads))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="importance (higher = keep)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_channel_quantiles(scores: list[list[float]], path: Path, title: str) -> None:
+    """Per layer: quantiles of MLP channel importance (where the weak channels sit)."""
+    import statistics
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    for q in (10, 25, 50, 90):
+        ys = [statistics.quantiles(s, n=100)[q - 1] for s in scores]
+        ax.plot(range(len(scores)), ys, marker=".", label=f"{q}th percentile")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("channel importance (log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

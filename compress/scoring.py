@@ -41,15 +41,40 @@ class LayerScores:
         return "\n".join(lines)
 
 
+UNIT_METRICS = ("heads", "heads_ablation", "channels")
+
+
+def unit_scores(net, metric: str, batches, model: str, out: Path | None) -> str:
+    """Head or channel importance: a text summary, and with ``out`` a JSON file and a plot."""
+    from compress.importance.channels import channel_scores
+    from compress.importance.heads import head_scores
+    from compress.report import plot_channel_quantiles, plot_head_heatmap
+
+    if metric == "channels":
+        scores = [s.tolist() for s in channel_scores(net, batches)]
+        text = "\n".join(f"layer {i:>3}: mean {sum(s) / len(s):.4g}, min {min(s):.4g}" for i, s in enumerate(scores))
+        if out:
+            plot_channel_quantiles(scores, out / "channels-scores.png", f"MLP channel importance of {Path(model).name}")
+    else:
+        kind = "ablation" if metric == "heads_ablation" else "norm"
+        scores = head_scores(net, batches, kind).tolist()
+        text = "\n".join(f"layer {i:>3}: " + " ".join(f"{v:8.4f}" for v in row) for i, row in enumerate(scores))
+        if out:
+            plot_head_heatmap(scores, out / f"{metric}-scores.png", f"head importance ({kind}) of {Path(model).name}")
+    if out:
+        write_atomic(out / "scores.json", json.dumps({"model": model, "metric": metric, "scores": scores}))
+    return f"{metric} importance of {model} (higher = keep)\n{text}"
+
+
 def score_model(model: str, *, metric: str, data: str | None, dataset: str | None, split: str,
                 samples: int, seq_len: int, seed: int, dtype: str, device: str,
-                out: Path | None, layerwise: bool | None = None) -> LayerScores:
+                out: Path | None, layerwise: bool | None = None) -> LayerScores | str:
     """Score the layers of ``model``. ``layerwise``: keep the weights on the CPU and run one layer at
     a time on ``device`` (None: only if the weights do not fit the device)."""
-    if metric not in METRICS:
-        raise CompressError(f"--metric: unknown metric {metric!r}; supported: {METRICS}")
+    if metric not in METRICS and metric not in UNIT_METRICS:
+        raise CompressError(f"--metric: unknown metric {metric!r}; supported: {sorted([*METRICS, *UNIT_METRICS])}")
     source = None
-    if metric_needs_calibration(metric):
+    if metric in UNIT_METRICS or metric_needs_calibration(metric):
         if (data is None) == (dataset is None):
             raise CompressError("give exactly one of --data (local text) or --dataset (pg19 or a hub id)")
         if data is not None and not Path(data).exists():
@@ -76,6 +101,8 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
         need = samples * seq_len * 4
         tokens = tokenize_documents(tokenizer, load_texts(source, need * 12), max_tokens=need)
         batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1)
+    if metric in UNIT_METRICS:
+        return unit_scores(net, metric, batches, model, out)
     scores = score_layers(net, metric, batches, layerwise_on=run_on if layerwise else None)
     result = LayerScores(model, metric, scores, source_label(source) if source else None)
     if out is not None:

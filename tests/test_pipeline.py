@@ -332,3 +332,13 @@ def test_mmlu_after_every_stage(recipe, tmp_path):
         assert row["mmlu_questions"] == 6 and row["mmlu_exemplars"] == "first-k-of-test"
         assert 0 <= row["mmlu"] <= 1 and set(row["mmlu_per_subject"]) == {"astronomy", "anatomy"}
     assert "MMLU" in (tmp_path / "run/report.md").read_text()
+
+
+@pytest.mark.parametrize("metric, png", [("heads", "heads-scores.png"), ("channels", "channels-scores.png")])
+def test_score_command_for_heads_and_channels(metric, png, tiny_model_dir, text_file, tmp_path):
+    result = CliRunner().invoke(main, ["score", str(tiny_model_dir), "--metric", metric, "--data", str(text_file),
+                                       "--samples", "2", "--seq-len", "16", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "s/scores.json").read_text())["scores"]
+    assert len(scores) == 5 and len(scores[0]) == (4 if metric == "heads" else 128)
+    assert (tmp_path / "s" / png).stat().st_size > 1000

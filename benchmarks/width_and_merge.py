@@ -1,0 +1,82 @@
+"""Depth pruning by merging (SLM) vs removal (BI), and width pruning, on the real small model.
+
+    python benchmarks/width_and_merge.py --assets ../shared-cache --out benchmarks/results
+
+Calibration: 32 x 256 tokens of Austen's Emma (SLM: its reference setting is 10 x 128; we use the
+same calibration for every method so the comparison is like for like); perplexity on the first
+16,384 tokens of Pride and Prejudice, 1,024-token windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from compress.data.local import load_local_texts
+from compress.data.tokens import calibration_batches, tokenize_documents
+from compress.evaluate.memory import parameter_count
+from compress.evaluate.perplexity import perplexity
+from compress.importance import lowest, score_layers
+from compress.model_io import load_model
+from compress.stages.base import StageContext
+from compress.stages.head_pruning import HeadPruning, HeadPruningConfig
+from compress.stages.layer_merge import LayerMerge, LayerMergeConfig
+from compress.stages.width_pruning import WidthPruning, WidthPruningConfig
+from compress.surgery import remove_layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--assets", type=Path, default=Path("../shared-cache"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    args = ap.parse_args()
+    model, tok = load_model(str(args.assets / "models/smollm2-135m-instruct"), dtype=torch.float32,
+                            device=torch.device("cpu"))
+    cal = calibration_batches(tokenize_documents(tok, load_local_texts(args.assets / "books/austen-emma.txt"), 200_000),
+                              32, 256, 0, 4)
+    ev = tokenize_documents(tok, load_local_texts(args.assets / "books/austen-prideprejudice.txt"), args.eval_tokens)
+    ctx = StageContext(cal, tok, torch.device("cpu"), list(range(30)), logging.getLogger("bench"), progress=False)
+
+    def ppl(m) -> float:
+        return perplexity(m, ev, seq_len=1024, batch_size=4, progress=False).ppl
+
+    rows = [{"method": "baseline", "params_M": parameter_count(model) / 1e6, "ppl": ppl(model), "detail": ""}]
+    bi = copy.deepcopy(model)
+    removed = sorted(lowest(score_layers(bi, "bi", cal, progress=False), 7))
+    remove_layers(bi, removed)
+    rows.append({"method": "BI removal, 7 layers", "params_M": parameter_count(bi) / 1e6, "ppl": ppl(bi),
+                 "detail": f"removed {removed}"})
+    for similarity in ("cosine", "cka"):
+        for rule in ("delta_sum", "top"):
+            m = copy.deepcopy(model)
+            start = time.perf_counter()
+            rec = LayerMerge(LayerMergeConfig(remove=7, similarity=similarity, merge_rule=rule)).apply(m, ctx)
+            rows.append({"method": f"SLM merge 7 layers ({similarity}, {rule})", "params_M": parameter_count(m) / 1e6,
+                         "ppl": ppl(m), "detail": f"groups {rec.details['merged_groups_original']}, "
+                         f"threshold {rec.details['threshold']:.4f}, {time.perf_counter() - start:.0f} s"})
+    for name, stage in (("heads: 1 per KV group (9 -> 6 query heads)", HeadPruning(HeadPruningConfig(remove=3))),
+                        ("heads: 1 of 3 KV groups (9/3 -> 6/2)", HeadPruning(HeadPruningConfig(remove=1, kv_groups=True))),
+                        ("MLP width -25% (1536 -> 1152)", WidthPruning(WidthPruningConfig(fraction=0.25)))):
+        m = copy.deepcopy(model)
+        stage.apply(m, ctx)
+        rows.append({"method": name, "params_M": parameter_count(m) / 1e6, "ppl": ppl(m), "detail": ""})
+    result = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "command": "python benchmarks/width_and_merge.py --assets ../shared-cache", "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "width_and_merge.json").write_text(json.dumps(result, indent=2))
+    for r in rows:
+        print(f"| {r['method']} | {r['params_M']:.1f} | {r['ppl']:.2f} | {r['detail']} |")
+
+
+if __name__ == "__main__":
+    main()
