@@ -21,8 +21,9 @@ setup(
         "datasets>=3.0,<6",  # imported only when a recipe names a hub dataset
     ],
     extras_require={
+        "quant": ["bitsandbytes>=0.49,<0.51"],  # stage bnb4 (CUDA, and CPU since 0.48)
         # lm-eval: the MMLU parity test runs its own scoring code (offline, local data)
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "lm-eval==0.4.13"],
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "lm-eval==0.4.13", "bitsandbytes>=0.49,<0.51"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

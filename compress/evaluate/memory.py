@@ -11,7 +11,12 @@ import torch
 
 
 def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Logical parameter count: a packed 4-bit tensor counts the weights it holds, not its bytes."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += int(torch.Size(shape).numel()) if shape is not None else p.numel()
+    return total
 
 
 def weight_bytes(model) -> int:

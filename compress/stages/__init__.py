@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compress.stages.bnb4 import BnB4
 from compress.stages.head_pruning import HeadPruning
 from compress.stages.layer_merge import LayerMerge
 from compress.stages.layer_removal import LayerRemoval
@@ -12,12 +13,11 @@ STAGES = {
     LayerMerge.name: LayerMerge,
     HeadPruning.name: HeadPruning,
     WidthPruning.name: WidthPruning,
+    BnB4.name: BnB4,
 }
 
 # Stages the recipe schema knows but this version cannot run yet: a clear error, never a skip.
 UNAVAILABLE = {
     "gptq": "stage 'gptq' is not available yet in this version (GPTQ quantization is in progress); "
-            "remove it from the recipe to run the other stages",
-    "bnb4": "stage 'bnb4' is not available yet in this version (bitsandbytes 4-bit is in progress); "
             "remove it from the recipe to run the other stages",
 }
