@@ -11,11 +11,15 @@ import torch
 
 
 def parameter_count(model) -> int:
-    """Logical parameter count: a packed 4-bit tensor counts the weights it holds, not its bytes."""
+    """Logical parameter count: packed quantized weights count the weights they hold, not their
+    storage (bitsandbytes 4-bit parameters; GPTQ ``qweight`` buffers of in x out weights)."""
     total = 0
     for p in model.parameters():
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
         total += int(torch.Size(shape).numel()) if shape is not None else p.numel()
+    for module in model.modules():
+        if hasattr(module, "qweight") and hasattr(module, "in_features") and not isinstance(module.qweight, torch.nn.Parameter):
+            total += module.in_features * module.out_features
     return total
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from compress.stages.bnb4 import BnB4
+from compress.stages.gptq import GPTQ
 from compress.stages.head_pruning import HeadPruning
 from compress.stages.layer_merge import LayerMerge
 from compress.stages.layer_removal import LayerRemoval
@@ -14,10 +15,8 @@ STAGES = {
     HeadPruning.name: HeadPruning,
     WidthPruning.name: WidthPruning,
     BnB4.name: BnB4,
+    GPTQ.name: GPTQ,
 }
 
 # Stages the recipe schema knows but this version cannot run yet: a clear error, never a skip.
-UNAVAILABLE = {
-    "gptq": "stage 'gptq' is not available yet in this version (GPTQ quantization is in progress); "
-            "remove it from the recipe to run the other stages",
-}
+UNAVAILABLE: dict[str, str] = {}

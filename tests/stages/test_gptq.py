@@ -1,0 +1,118 @@
+"""Stage gptq (GPTQModel): standard GPTQ checkpoints that reload exactly, better than
+round-to-nearest on the calibration data, after layer removal, resumable."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import transformers as tf
+import yaml
+
+from compress.stages.base import StageContext
+from compress.stages.gptq import GPTQ, GPTQConfig
+from compress.surgery import decoder_layers, remove_layers
+from conftest import MIXED
+
+pytest.importorskip("gptqmodel", reason="GPTQModel is in the test extra: pip install -e '.[test]'")
+GEN = torch.Generator().manual_seed(21)
+CAL = [{"input_ids": torch.randint(0, 320, (4, 32), generator=GEN), "attention_mask": torch.ones(4, 32, dtype=torch.long)}
+       for _ in range(2)]
+IDS = torch.randint(0, 320, (2, 12), generator=GEN)
+
+
+def model_of(kind: str, layers: int = 3):
+    torch.manual_seed(0)
+    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=320, num_hidden_layers=layers)
+    if kind == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=32, use_sliding_window=True, sliding_window=8,
+                                                  layer_types=MIXED[:layers], **shape)).eval()
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**shape)).eval()
+
+
+def ctx(tokenizer) -> StageContext:
+    return StageContext(CAL, tokenizer, torch.device("cpu"), [], logging.getLogger("t"), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gptq_checkpoint_is_standard_and_reloads_exactly(kind, tiny_tokenizer, tmp_path):
+    model = model_of(kind, 4)
+    remove_layers(model, [2])
+    stage = GPTQ(GPTQConfig(bits=4, group_size=32))
+    record = stage.apply(model, ctx(tiny_tokenizer))
+    q = record.new_model
+    assert q.config.num_hidden_layers == 3 == len(decoder_layers(q))
+    stage.save(q, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    qc = cfg["quantization_config"]
+    assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == \
+        ("gptq", "gptq", 4, 32, False, True)
+    reloaded = GPTQ.load(tmp_path, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, q(IDS).logits, rtol=0, atol=0)
+    assert record.details["backend"].startswith("gptqmodel") and record.details["calibration_windows"] == 8
+
+
+def rtn(model, bits: int, group: int):
+    """Independent round-to-nearest baseline: symmetric, per group of `group` input columns."""
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for lin in [*layer.self_attn.children(), *layer.mlp.children()]:
+                if isinstance(lin, torch.nn.Linear):
+                    w = lin.weight.view(lin.out_features, -1, group)
+                    scale = w.abs().amax(-1, keepdim=True).clamp_min(1e-8) / levels
+                    lin.weight.copy_((torch.round(w / scale).clamp(-levels - 1, levels) * scale).view_as(lin.weight))
+    return model
+
+
+def test_gptq_beats_round_to_nearest_on_the_calibration_data(tiny_tokenizer):
+    """Why GPTQ exists (Frantar et al. 2022): lower output error than RTN at the same bits/group."""
+    reference = model_of("llama")
+    stage = GPTQ(GPTQConfig(bits=4, group_size=32))
+    q = stage.apply(model_of("llama"), ctx(tiny_tokenizer)).new_model
+    baseline = rtn(model_of("llama"), 4, 32).to(q.dtype)
+    ids = torch.cat([b["input_ids"] for b in CAL])
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+        err_gptq = (q(ids).logits.float() - want).pow(2).mean()
+        err_rtn = (baseline(ids).logits.float() - want).pow(2).mean()
+    assert err_gptq < err_rtn, (float(err_gptq), float(err_rtn))
+
+
+def test_pipeline_prune_then_gptq_resumes_from_its_checkpoint(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+    from compress.pipeline import run_recipe
+
+    model_dir = tmp_path / "m"
+    model_of("llama", 4).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    body = {"model": str(model_dir), "dtype": "float32", "device": "cpu", "output": "run",
+            "calibration": {"path": str(text_file), "samples": 4, "seq_len": 32},
+            "evaluate": {"perplexity": {"path": str(text_file), "seq_len": 32, "max_tokens": 256}},
+            "stages": [{"layer_removal": {"remove": 1}}, {"gptq": {"bits": 4, "group_size": 32}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    import compress.evaluate.suite as suite
+
+    real, calls = suite.perplexity, {"n": 0}
+
+    def crash_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("crash after gptq")
+        return real(*a, **k)
+    monkeypatch.setattr(suite, "perplexity", crash_third)
+    with pytest.raises(RuntimeError):
+        run_recipe(tmp_path / "r.yaml", progress=False)
+    monkeypatch.setattr(suite, "perplexity", real)
+    monkeypatch.setattr(GPTQ, "apply", lambda *a: pytest.fail("gptq redone instead of loaded"))
+    rows = run_recipe(tmp_path / "r.yaml", progress=False)["rows"]
+    assert [r["layers"] for r in rows] == [4, 3, 3] and rows[2]["bits"] == 4
+    assert rows[2]["params"] == rows[1]["params"]  # logical count, not packed storage
+    assert rows[2]["weight_bytes"] < 0.5 * rows[1]["weight_bytes"]
+    ckpt = tmp_path / "run/checkpoints/gptq"
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
+    assert (ckpt / "quantize_config.json").exists() and (ckpt / "tokenizer.json").exists()
