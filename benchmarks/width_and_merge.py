@@ -2,9 +2,10 @@
 
     python benchmarks/width_and_merge.py --assets ../shared-cache --out benchmarks/results
 
-Calibration: 32 x 256 tokens of Austen's Emma (SLM: its reference setting is 10 x 128; we use the
-same calibration for every method so the comparison is like for like); perplexity on the first
-16,384 tokens of Pride and Prejudice, 1,024-token windows.
+Calibration: Austen's Emma, 32 x 256 tokens for BI, heads and width; 10 x 128 tokens for SLM (its
+reference setting: the threshold search runs the merged model once per candidate window, so the
+calibration size multiplies its cost). Perplexity on the first 16,384 tokens of Pride and Prejudice,
+1,024-token windows.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
                               32, 256, 0, 4)
     ev = tokenize_documents(tok, load_local_texts(args.assets / "books/austen-prideprejudice.txt"), args.eval_tokens)
     ctx = StageContext(cal, tok, torch.device("cpu"), list(range(30)), logging.getLogger("bench"), progress=False)
+    slm_cal = calibration_batches(tokenize_documents(tok, load_local_texts(args.assets / "books/austen-emma.txt"),
+                                                     200_000), 10, 128, 0, 10)
+    slm_ctx = StageContext(slm_cal, tok, torch.device("cpu"), list(range(30)), logging.getLogger("bench"), progress=False)
 
     def ppl(m) -> float:
         return perplexity(m, ev, seq_len=1024, batch_size=4, progress=False).ppl
@@ -55,14 +59,16 @@ def main() -> None:
     remove_layers(bi, removed)
     rows.append({"method": "BI removal, 7 layers", "params_M": parameter_count(bi) / 1e6, "ppl": ppl(bi),
                  "detail": f"removed {removed}"})
-    for similarity in ("cosine", "cka"):
-        for rule in ("delta_sum", "top"):
-            m = copy.deepcopy(model)
-            start = time.perf_counter()
-            rec = LayerMerge(LayerMergeConfig(remove=7, similarity=similarity, merge_rule=rule)).apply(m, ctx)
-            rows.append({"method": f"SLM merge 7 layers ({similarity}, {rule})", "params_M": parameter_count(m) / 1e6,
-                         "ppl": ppl(m), "detail": f"groups {rec.details['merged_groups_original']}, "
-                         f"threshold {rec.details['threshold']:.4f}, {time.perf_counter() - start:.0f} s"})
+    for similarity, rule in (("cosine", "delta_sum"), ("cosine", "top"), ("cka", "delta_sum")):
+        m = copy.deepcopy(model)
+        start = time.perf_counter()
+        rec = LayerMerge(LayerMergeConfig(remove=7, similarity=similarity, merge_rule=rule,
+                                          search_steps=10)).apply(m, slm_ctx)
+        rows.append({"method": f"SLM merge ({similarity}, {rule})", "params_M": parameter_count(m) / 1e6,
+                     "ppl": ppl(m), "detail": f"removed {m.config.num_hidden_layers and 30 - m.config.num_hidden_layers}, "
+                     f"groups {rec.details['merged_groups_original']}, threshold {rec.details['threshold']:.4f}, "
+                     f"{time.perf_counter() - start:.0f} s"})
+        print(rows[-1], flush=True)
     for name, stage in (("heads: 1 per KV group (9 -> 6 query heads)", HeadPruning(HeadPruningConfig(remove=3))),
                         ("heads: 1 of 3 KV groups (9/3 -> 6/2)", HeadPruning(HeadPruningConfig(remove=1, kv_groups=True))),
                         ("MLP width -25% (1536 -> 1152)", WidthPruning(WidthPruningConfig(fraction=0.25)))):
