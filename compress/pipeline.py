@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from compress import __version__
-from compress.data.sources import load_texts, source_label
+from compress.data.sources import CalibrationConfig, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.faults import crash_point
@@ -112,7 +112,7 @@ class Pipeline:
         self.folder = prepare_output(recipe, overwrite)
         self.final_folder = recipe.output
         self.state = RunState(self.folder)
-        self._calibration: list[dict[str, torch.Tensor]] | None = None
+        self._calibration: dict[str, list[dict[str, torch.Tensor]]] = {}
         self._eval_tokens: torch.Tensor | None = None
         self._mmlu = None
 
@@ -138,14 +138,16 @@ class Pipeline:
             return True
 
     # -- data ------------------------------------------------------------------------------
-    def calibration(self, tokenizer) -> list[dict[str, torch.Tensor]]:
-        if self._calibration is None:
-            cal = self.recipe.calibration
+    def calibration(self, tokenizer, cal: CalibrationConfig | None = None) -> list[dict[str, torch.Tensor]]:
+        """Calibration windows of the recipe (or of a stage's own ``calibration``), built once each."""
+        cal = cal or self.recipe.calibration
+        key = cal.model_dump_json()
+        if key not in self._calibration:
             need = cal.samples * cal.seq_len * 4
             tokens = tokenize_documents(tokenizer, load_texts(cal, max_chars=need * 12), max_tokens=need)
-            self._calibration = calibration_batches(tokens, cal.samples, cal.seq_len, cal.seed, cal.batch_size)
+            self._calibration[key] = calibration_batches(tokens, cal.samples, cal.seq_len, cal.seed, cal.batch_size)
             log.info("calibration: %d samples x %d tokens from %s", cal.samples, cal.seq_len, source_label(cal))
-        return self._calibration
+        return self._calibration[key]
 
     # -- steps -----------------------------------------------------------------------------
     def measure(self, step: str, model, tokenizer) -> dict[str, Any]:
@@ -235,7 +237,10 @@ class Pipeline:
         entry = self.state.load(index, spec.name)
         if entry is None:
             log.info("stage %d/%d: %s", index, len(self.recipe.stages), spec.name)
-            ctx = StageContext(calibration=self.calibration(tokenizer) if stage.needs_calibration else [],
+            own = getattr(spec.config, "calibration", None)
+            cal = self.calibration(tokenizer, own if isinstance(own, CalibrationConfig) else None) \
+                if stage.needs_calibration else []
+            ctx = StageContext(calibration=cal,
                                tokenizer=tokenizer, device=self.device,
                                original_layer_ids=list(layer_ids), log=log, progress=self.progress)
             record = stage.apply(model, ctx)

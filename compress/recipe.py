@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compress.data.sources import TextSource
+from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, MMLUConfig, PerplexityConfig
 from compress.model_io import local_model_dir, parse_size
@@ -33,14 +33,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CalibrationConfig(TextSource):
-    split: str = "validation"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(2048, ge=2)
-    seed: int = 0
-    batch_size: int = Field(1, ge=1)
 
 
 class EvaluateConfig(_Strict):
@@ -215,7 +207,8 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
                           f"{specs[quantized_at].name!r}; quantization must be the last stage")
         if cls.quantizes:
             quantized_at = i
-        if stage.needs_calibration and top.calibration is None:
+        own = isinstance(getattr(spec.config, "calibration", None), CalibrationConfig)
+        if stage.needs_calibration and top.calibration is None and not own:
             errors.append(f"stages[{i}].{spec.kind}: needs calibration data; add a top-level "
                           "`calibration: {dataset: pg19, samples: 128, seq_len: 2048}` (or `path:`)")
     for j, name in enumerate(top.save or []):
@@ -238,6 +231,14 @@ def _resolve_model(model: str, base: Path, errors: list[str]) -> tuple[str, bool
     if not _HUB_ID.match(model):
         errors.append(f"model: {model!r} is neither an existing local folder nor a hub id (org/name)")
     return model, False
+
+
+def _resolve_stage_calibration(spec: StageSpec, index: int, base: Path, errors: list[str]) -> StageSpec:
+    own = getattr(spec.config, "calibration", None)
+    if not isinstance(own, CalibrationConfig):
+        return spec
+    resolved = _resolve_source(own, base, f"stages[{index}].{spec.kind}.calibration", errors)
+    return StageSpec(spec.name, spec.kind, spec.config.model_copy(update={"calibration": resolved}))
 
 
 def _resolve_source(source, base: Path, key: str, errors: list[str]):
@@ -293,6 +294,7 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     if is_local and (output == Path(model) or Path(model) in output.parents):
         errors.append(f"output: {output} is inside the input model folder {model}; choose another folder")
     calibration = _resolve_source(top.calibration, base, "calibration", errors)
+    specs = [_resolve_stage_calibration(spec, i, base, errors) for i, spec in enumerate(specs)]
     ppl = _resolve_source(top.evaluate.perplexity, base, "evaluate.perplexity", errors)
     mmlu = _resolve_source(top.evaluate.mmlu, base, "evaluate.mmlu", errors)
     evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.local import load_local_texts
 from compress.data.pg19 import LABELS, load_hub_texts
@@ -26,6 +26,16 @@ class TextSource(BaseModel):
         if (self.dataset is None) == (self.path is None):
             raise ValueError("give exactly one of `dataset` (pg19 or a hub id) or `path` (local text)")
         return self
+
+
+class CalibrationConfig(TextSource):
+    """Calibration windows: ``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
+
+    split: str = "validation"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=2)
+    seed: int = 0
+    batch_size: int = Field(1, ge=1)
 
 
 def source_label(source: TextSource) -> str:

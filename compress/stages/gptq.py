@@ -18,6 +18,8 @@ is what ships. Needs ``pip install -e '.[gptq]'`` (gptqmodel + optimum).
 :param sym: symmetric quantization.
 :param damp_percent: Hessian dampening, fraction of the mean diagonal (``percdamp``).
 :param samples: use only the first N calibration windows (default: all of them).
+:param calibration: ``same`` (the recipe's calibration windows) or its own
+    ``{path|dataset, samples, seq_len, seed}``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 
@@ -44,6 +47,7 @@ class GPTQConfig(StageConfig):
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0.0, lt=1.0)
     samples: int | None = Field(None, ge=1)
+    calibration: Literal["same"] | CalibrationConfig = "same"  # or its own text, samples, seq_len
     format: Literal["gptq"] = "gptq"
 
 

@@ -116,3 +116,30 @@ def test_pipeline_prune_then_gptq_resumes_from_its_checkpoint(tmp_path, tiny_tok
     ckpt = tmp_path / "run/checkpoints/gptq"
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
     assert (ckpt / "quantize_config.json").exists() and (ckpt / "tokenizer.json").exists()
+
+
+def test_gptq_with_its_own_calibration_needs_no_recipe_calibration(tmp_path, tiny_model_dir, text_file):
+    from compress.recipe import load_recipe
+
+    body = {"model": str(tiny_model_dir), "output": "o",
+            "stages": [{"gptq": {"calibration": {"path": text_file.name, "samples": 3, "seq_len": 16}}}]}
+    (text_file.parent / "r.yaml").write_text(yaml.safe_dump(body))
+    recipe = load_recipe(text_file.parent / "r.yaml")
+    assert recipe.calibration is None
+    assert recipe.stages[0].config.calibration.path == str(text_file)  # resolved against the recipe
+    body["stages"] = [{"gptq": {}}]
+    (text_file.parent / "r.yaml").write_text(yaml.safe_dump(body))
+    with pytest.raises(Exception, match="needs calibration data"):
+        load_recipe(text_file.parent / "r.yaml")
+
+
+@pytest.mark.gpu
+def test_gptq_on_gpu_selects_a_gpu_kernel_and_reloads(tiny_tokenizer, tmp_path):
+    stage = GPTQ(GPTQConfig(bits=4, group_size=32))
+    cuda_ctx = StageContext(CAL, tiny_tokenizer, torch.device("cuda"), [], logging.getLogger("t"), progress=False)
+    q = stage.apply(model_of("llama").cuda(), cuda_ctx).new_model
+    kernel = type(decoder_layers(q)[0].self_attn.q_proj).__name__
+    assert "TorchAten" not in kernel, kernel  # a CUDA kernel (Marlin / ExLlama / Triton), not the CPU one
+    stage.save(q, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(GPTQ.load(tmp_path, "cuda")(IDS.cuda()).logits, q(IDS.cuda()).logits)
