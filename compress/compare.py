@@ -91,17 +91,24 @@ def _decode_bars(rows, path: Path) -> bool:
     return True
 
 
-def compare_runs(runs: list[Path], out: Path) -> str:
-    """Write compare.md and plots to ``out``; return the Markdown table."""
-    rows = load_rows(runs)
+def stage_plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """Perplexity and MMLU vs weight memory (Pareto front marked), decode speed per stage: the
+    file names written to ``out`` (plots without data are skipped)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = []
-    if _scatter(rows, "ppl", "perplexity (log scale, lower is better)", False, out / "ppl_vs_weights.png"):
+    if len(rows) > 1 and _scatter(rows, "ppl", "perplexity (log scale, lower is better)", False, out / "ppl_vs_weights.png"):
         plots.append("ppl_vs_weights.png")
-    if _scatter(rows, "mmlu", "MMLU accuracy (macro, higher is better)", True, out / "mmlu_vs_weights.png"):
+    if len(rows) > 1 and _scatter(rows, "mmlu", "MMLU accuracy (macro, higher is better)", True, out / "mmlu_vs_weights.png"):
         plots.append("mmlu_vs_weights.png")
     if _decode_bars(rows, out / "decode_tok_s.png"):
         plots.append("decode_tok_s.png")
+    return plots
+
+
+def compare_runs(runs: list[Path], out: Path) -> str:
+    """Write compare.md and plots to ``out``; return the Markdown table."""
+    rows = load_rows(runs)
+    plots = stage_plots(rows, out)
     md = table(rows)
     body = ["# compress compare", "", md, "", *(f"![{p}]({p})" for p in plots), ""]
     write_atomic(out / "compare.md", "\n".join(body))

@@ -103,12 +103,16 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
+    from compress.compare import stage_plots
+
     report = {**report, "rows": with_deltas(report["rows"])}
     plots = []
     for stage in report["stages"]:
         rel = f"plots/{stage['name']}-scores.png"
         if plot_scores(stage, folder / rel):
             plots.append(rel)
+    run_rows = [{**r, "run": folder.name, "step": f"{folder.name}/{r['step']}"} for r in report["rows"]]
+    plots += [f"plots/{name}" for name in stage_plots(run_rows, folder / "plots")]
     write_atomic(folder / "report.json", json.dumps(report, indent=2, default=str))
     write_atomic(folder / "report.md", markdown(report, plots))
 

@@ -60,6 +60,8 @@ def test_run_writes_report_and_a_checkpoint_transformers_loads(recipe, tiny_mode
     assert json.loads((run / "report.json").read_text())["rows"][1]["layers"] == 3
     assert "| layer_removal | 3 |" in (run / "report.md").read_text()
     assert (run / "plots" / "layer_removal-scores.png").stat().st_size > 1000
+    assert (run / "plots" / "ppl_vs_weights.png").stat().st_size > 1000
+    assert "](plots/ppl_vs_weights.png)" in (run / "report.md").read_text()
 
     ckpt = run / "checkpoints" / "layer_removal"
     prov = json.loads((ckpt / "compress.json").read_text())
