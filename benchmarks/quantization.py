@@ -1,4 +1,5 @@
-"""Quantization on the real small model: perplexity and size of fp32 vs GPTQ 4-bit vs bnb NF4,
+"""Quantization on the real small model: perplexity and size of fp32 vs GPTQ 4-bit (group 64:
+hidden size 576 is not a multiple of 128) vs bnb NF4,
 alone and after removing the 7 lowest-BI layers.
 
     python benchmarks/quantization.py --assets ../shared-cache --out benchmarks/results
@@ -58,7 +59,7 @@ def main() -> None:
     remove_layers(pruned, BI_7)
     for prefix, base in (("", model), ("BI -7 layers + ", pruned)):
         row(f"{prefix}fp32", base)
-        for name, stage in ((f"{prefix}GPTQ 4-bit g128", GPTQ(GPTQConfig(bits=4, group_size=128))),
+        for name, stage in ((f"{prefix}GPTQ 4-bit g64", GPTQ(GPTQConfig(bits=4, group_size=64))),
                             (f"{prefix}bnb NF4", BnB4(BnB4Config(quant_type="nf4")))):
             start = time.perf_counter()
             q = stage.apply(copy.deepcopy(base), ctx).new_model

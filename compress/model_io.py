@@ -78,6 +78,7 @@ def model_facts(config) -> ModelFacts:
         num_key_value_heads=getattr(config, "num_key_value_heads", None),
         intermediate_size=getattr(config, "intermediate_size", None),
         quantized=getattr(config, "quantization_config", None) is not None,
+        hidden_size=getattr(config, "hidden_size", None),
     )
 
 

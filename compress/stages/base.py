@@ -39,6 +39,7 @@ class ModelFacts:
     num_key_value_heads: int | None = None
     intermediate_size: int | None = None
     quantized: bool = False
+    hidden_size: int | None = None
 
 
 @dataclass

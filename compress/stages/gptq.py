@@ -92,6 +92,14 @@ class GPTQ:
     def check(self, facts: ModelFacts) -> list[str]:
         if facts.quantized:
             return ["the input model is already quantized; gptq needs float weights"]
+        g = self.config.group_size
+        dims = {"hidden_size": facts.hidden_size, "intermediate_size": facts.intermediate_size}
+        bad = {k: v for k, v in dims.items() if v and g > 0 and v % g}
+        if bad:
+            fits = [s for s in (128, 64, 32) if all(v % s == 0 for v in dims.values() if v)]
+            return [f"group_size: {g} does not divide {', '.join(f'{k} {v}' for k, v in bad.items())} "
+                    f"(the int4 kernels need whole groups); use {fits[0] if fits else -1}"
+                    + (" or -1" if fits else "")]
         return []
 
     def apply(self, model, ctx: StageContext) -> StageRecord:

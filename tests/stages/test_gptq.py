@@ -143,3 +143,12 @@ def test_gptq_on_gpu_selects_a_gpu_kernel_and_reloads(tiny_tokenizer, tmp_path):
     stage.save(q, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(GPTQ.load(tmp_path, "cuda")(IDS.cuda()).logits, q(IDS.cuda()).logits)
+
+
+def test_group_size_must_divide_the_layer_widths():
+    from compress.stages.base import ModelFacts
+
+    facts = ModelFacts("llama", 30, 9, 3, intermediate_size=1536, hidden_size=576)  # SmolLM2-135M
+    msg = GPTQ(GPTQConfig(group_size=128)).check(facts)
+    assert msg == ["group_size: 128 does not divide hidden_size 576 (the int4 kernels need whole groups); use 64 or -1"]
+    assert GPTQ(GPTQConfig(group_size=64)).check(facts) == [] and GPTQ(GPTQConfig(group_size=-1)).check(facts) == []
