@@ -109,3 +109,11 @@ def run_layerwise(model, batches: list[dict[str, torch.Tensor]], on_layer: Layer
     model.base_model.to(home)  # leave the model where it was
     model.train(was_training)
     return hidden
+
+
+def layerwise_target(model, device: torch.device, execution: str) -> torch.device | None:
+    """Where to run layer by layer, or None for the full-model path. ``auto``: layer by layer when
+    the model's weights are not on ``device`` (kept in CPU memory because they do not fit it)."""
+    if execution == "auto":
+        execution = "full" if next(model.parameters()).device == device else "layerwise"
+    return device if execution == "layerwise" else None

@@ -69,3 +69,14 @@ def test_layerwise_on_gpu_keeps_weights_on_cpu_and_matches():
     got = score_layers(model, "bi", BATCHES, progress=False, layerwise_on=cuda)
     assert got == pytest.approx(full, abs=1e-4)
     assert all(p.device.type == "cpu" for p in model.parameters())  # everything back where it was
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_head_and_channel_importance_layerwise_equal_full(arch):
+    from compress.importance.channels import channel_scores
+    from compress.importance.heads import head_scores
+
+    model, cpu = tiny_model(arch, 4), torch.device("cpu")
+    torch.testing.assert_close(head_scores(model, BATCHES, layerwise_on=cpu), head_scores(model, BATCHES), rtol=1e-6, atol=1e-6)
+    for a, b in zip(channel_scores(model, BATCHES, layerwise_on=cpu), channel_scores(model, BATCHES)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

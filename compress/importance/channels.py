@@ -7,30 +7,22 @@ from __future__ import annotations
 
 import torch
 
+from compress.importance.taps import tap_module_inputs
 from compress.surgery import decoder_layers
 
 
 @torch.no_grad()
-def channel_scores(model, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def channel_scores(model, batches: list[dict[str, torch.Tensor]],
+                   layerwise_on: torch.device | None = None) -> list[torch.Tensor]:
     layers = decoder_layers(model)
     sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
-    count = torch.zeros((), dtype=torch.float64)
-    mask: list[torch.Tensor] = []
+    counts = [0.0] * len(layers)
 
-    def hook_for(i: int):
-        def hook(module, args):
-            sums[i] += args[0].float().abs()[mask[0].bool()].double().sum(0).cpu()
-        return hook
+    def reduce(i: int, x: torch.Tensor, mask: torch.Tensor) -> None:
+        keep = mask.to(x.device).bool()
+        sums[i] += x.float().abs()[keep].double().sum(0).cpu()
+        counts[i] += float(keep.sum())
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            mask[:] = [batch["attention_mask"].to(device)]
-            model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask[0], use_cache=False)
-            count += mask[0].sum().double().cpu()
-    finally:
-        for h in handles:
-            h.remove()
+    tap_module_inputs(model, batches, lambda layer: layer.mlp.down_proj, reduce, layerwise_on)
     col_norms = [layer.mlp.down_proj.weight.float().norm(dim=0).double().cpu() for layer in layers]
-    return [(s / count * n).float() for s, n in zip(sums, col_norms)]
+    return [(s / c * n).float() for s, c, n in zip(sums, counts, col_norms)]

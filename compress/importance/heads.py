@@ -3,8 +3,8 @@
 
 * ``norm``: mean over non-padding tokens of ||W_o[:, head] @ attn_out[head]||, the size of each
   head's contribution to the residual stream (read from the input of o_proj with a pre-hook);
-* ``ablation``: calibration NLL increase when that head's output is zeroed in every layer... per
-  layer: one head of one layer at a time (L x H forward passes).
+* ``ablation``: calibration NLL increase when that head's output alone is zeroed (one head of one
+  layer at a time: L x H forward passes).
 Low score = removed first. Returns a (layers, heads) tensor.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from compress.importance.ppl_drop import calibration_nll
+from compress.importance.taps import tap_module_inputs
 from compress.surgery import decoder_layers
 
 
@@ -22,32 +23,23 @@ def _head_dim(model) -> int:
 
 
 @torch.no_grad()
-def head_norm_scores(model, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def head_norm_scores(model, batches: list[dict[str, torch.Tensor]],
+                     layerwise_on: torch.device | None = None) -> torch.Tensor:
     layers = decoder_layers(model)
     n_heads, d = model.config.num_attention_heads, _head_dim(model)
     sums = torch.zeros(len(layers), n_heads, dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
-    mask: list[torch.Tensor] = []
+    counts = [0.0] * len(layers)
 
-    def hook_for(i: int):
-        def hook(module, args):
-            x = args[0].float()  # (B, T, H*d)
-            w = module.weight.float().view(module.out_features, n_heads, d)  # (hidden, H, d)
-            contrib = torch.einsum("bthd,ohd->btho", x.view(*x.shape[:2], n_heads, d), w).norm(dim=-1)
-            sums[i] += contrib[mask[0].bool()].double().sum(0).cpu()
-        return hook
+    def reduce(i: int, x: torch.Tensor, mask: torch.Tensor) -> None:
+        o_proj = layers[i].self_attn.o_proj
+        w = o_proj.weight.float().view(o_proj.out_features, n_heads, d).to(x.device)  # (hidden, H, d)
+        contrib = torch.einsum("bthd,ohd->btho", x.float().view(*x.shape[:2], n_heads, d), w).norm(dim=-1)
+        keep = mask.to(x.device).bool()
+        sums[i] += contrib[keep].double().sum(0).cpu()
+        counts[i] += float(keep.sum())
 
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            mask[:] = [batch["attention_mask"].to(device)]
-            model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask[0], use_cache=False)
-            count += mask[0].sum().double().cpu()
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / count).float()
+    tap_module_inputs(model, batches, lambda layer: layer.self_attn.o_proj, reduce, layerwise_on)
+    return (sums / torch.tensor(counts, dtype=torch.float64)[:, None]).float()
 
 
 def head_ablation_scores(model, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -69,10 +61,13 @@ def head_ablation_scores(model, batches: list[dict[str, torch.Tensor]]) -> torch
     return scores
 
 
-def head_scores(model, batches: list[dict[str, torch.Tensor]], metric: str = "norm") -> torch.Tensor:
-    """(layers, heads) importance; ``metric``: norm | ablation."""
+def head_scores(model, batches: list[dict[str, torch.Tensor]], metric: str = "norm",
+                layerwise_on: torch.device | None = None) -> torch.Tensor:
+    """(layers, heads) importance; ``metric``: norm | ablation (ablation needs full passes)."""
     if metric == "norm":
-        return head_norm_scores(model, batches)
+        return head_norm_scores(model, batches, layerwise_on)
+    if layerwise_on is not None:
+        raise ValueError("head ablation needs full forward passes; it has no layer-wise mode")
     if metric == "ablation":
         return head_ablation_scores(model, batches)
     raise ValueError(f"unknown head metric {metric!r}; supported: ['ablation', 'norm']")

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from compress.importance.heads import head_scores
+from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import WIDTH_TYPES, remove_heads
 
@@ -29,6 +30,7 @@ class HeadPruningConfig(StageConfig):
     metric: Literal["norm", "ablation"] = "norm"
     remove: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    execution: Literal["auto", "full", "layerwise"] = "auto"  # as in layer_removal
     kv_groups: bool = False
 
     @model_validator(mode="after")
@@ -91,7 +93,9 @@ class HeadPruning:
         c = model.config
         n_q, n_kv = c.num_attention_heads, c.num_key_value_heads
         ctx.log.info("scoring %d heads x %d layers with %s", n_q, c.num_hidden_layers, self.config.metric)
-        scores = head_scores(model, ctx.calibration, self.config.metric)
+        scores = head_scores(model, ctx.calibration, self.config.metric,
+                             layerwise_target(model, ctx.device, "full" if self.config.metric == "ablation"
+                                              else self.config.execution))
         queries, kvs = self.choose(scores, n_q, n_kv)
         remove_heads(model, queries, kvs)
         return StageRecord(

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from compress.importance import METRICS, lowest, metric_needs_calibration, score_layers
+from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import remove_layers
 
@@ -64,11 +65,9 @@ class LayerRemoval:
 
     def layerwise_device(self, model, device):
         """The device to run layer by layer on, or None for the full-model path."""
-        execution = self.config.execution
-        if execution == "auto":
-            on_device = next(model.parameters()).device == device
-            execution = "full" if on_device or self.metric == "ppl_drop" else "layerwise"
-        return device if execution == "layerwise" else None
+        if self.metric == "ppl_drop" and self.config.execution == "auto":
+            return None
+        return layerwise_target(model, device, self.config.execution)
 
     def count(self, num_layers: int) -> int:
         if self.config.layers is not None:

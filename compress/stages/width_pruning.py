@@ -12,11 +12,12 @@ Importance: mean |activation| entering down_proj x the norm of down_proj's colum
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from compress.importance.channels import channel_scores
+from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import WIDTH_TYPES, remove_channels
 
@@ -24,6 +25,7 @@ from compress.surgery import WIDTH_TYPES, remove_channels
 class WidthPruningConfig(StageConfig):
     remove: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    execution: Literal["auto", "full", "layerwise"] = "auto"  # as in layer_removal
 
     @model_validator(mode="after")
     def _one_amount(self):
@@ -60,7 +62,7 @@ class WidthPruning:
         start = time.perf_counter()
         width = model.config.intermediate_size
         k = self.count(width)
-        scores = channel_scores(model, ctx.calibration)
+        scores = channel_scores(model, ctx.calibration, layerwise_target(model, ctx.device, self.config.execution))
         drop = [sorted(s.argsort(stable=True)[:k].tolist()) for s in scores]
         remove_channels(model, drop)
         return StageRecord(
