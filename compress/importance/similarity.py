@@ -12,8 +12,12 @@ import torch
 
 
 @torch.no_grad()
-def final_hidden_states(model, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """The base model's last hidden state of every non-padding token, per batch: (tokens, H) float32."""
+def final_hidden_states(model, batches: list[dict[str, torch.Tensor]],
+                        layerwise_on: torch.device | None = None) -> list[torch.Tensor]:
+    """The base model's last hidden state of every non-padding token, per batch: (tokens, H) float32.
+    ``layerwise_on``: computed one decoder layer at a time on that device (same values)."""
+    if layerwise_on is not None:
+        return _final_hidden_layerwise(model, batches, layerwise_on)
     device = next(model.parameters()).device
     out = []
     for batch in batches:
@@ -37,3 +41,17 @@ def linear_cka(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 SIMILARITIES = {"cosine": mean_cosine, "cka": linear_cka}
+
+
+@torch.no_grad()
+def _final_hidden_layerwise(model, batches, device: torch.device) -> list[torch.Tensor]:
+    from compress.layerwise import run_layerwise
+    from compress.surgery import final_norm
+
+    finals = run_layerwise(model, batches, None, device, progress=False)
+    norm = final_norm(model)
+    home = next(norm.parameters()).device
+    norm.to(device)
+    out = [norm(h.to(device))[b["attention_mask"].to(device).bool()].float().cpu() for h, b in zip(finals, batches)]
+    norm.to(home)
+    return out

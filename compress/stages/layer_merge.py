@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from compress.importance.similarity import SIMILARITIES, final_hidden_states
+from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import decoder_layers, merge_layers, merged_view
 
@@ -37,6 +38,7 @@ class LayerMergeConfig(StageConfig):
     similarity: Literal["cosine", "cka"] = "cosine"
     merge_rule: Literal["delta_sum", "top"] = "delta_sum"
     search_steps: int = Field(14, ge=1, le=40)
+    execution: Literal["auto", "full", "layerwise"] = "auto"  # as in layer_removal
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -45,7 +47,8 @@ class LayerMergeConfig(StageConfig):
         return self
 
 
-def slm_windows(model, batches, reference, threshold: float, similarity: str, rule: str) -> list[tuple[int, int]]:
+def slm_windows(model, batches, reference, threshold: float, similarity: str, rule: str,
+                layerwise_on=None) -> list[tuple[int, int]]:
     """The windows SLM commits at ``threshold`` (current layer numbering, top window first)."""
     measure = SIMILARITIES[similarity]
     committed: list[tuple[int, int]] = []
@@ -54,7 +57,7 @@ def slm_windows(model, batches, reference, threshold: float, similarity: str, ru
         best = high
         while best - 1 >= 0:
             with merged_view(model, committed + [(best - 1, high)], rule):
-                if measure(reference, final_hidden_states(model, batches)) < threshold:
+                if measure(reference, final_hidden_states(model, batches, layerwise_on)) < threshold:
                     break
             best -= 1
         if best < high:
@@ -88,14 +91,14 @@ class LayerMerge:
                     f"last layer and keeps one per window (max {facts.num_layers - 2})"]
         return []
 
-    def search(self, model, batches, reference, log) -> tuple[float, list[tuple[int, int]]]:
+    def search(self, model, batches, reference, log, where=None) -> tuple[float, list[tuple[int, int]]]:
         """Bisect the threshold so that SLM removes ``remove`` layers (closest from below if exact
         is not reachable)."""
         c = self.config
         lo, hi, best = 0.0, 1.0, (1.0, [])
         for _ in range(c.search_steps):
             mid = (lo + hi) / 2
-            windows = slm_windows(model, batches, reference, mid, c.similarity, c.merge_rule)
+            windows = slm_windows(model, batches, reference, mid, c.similarity, c.merge_rule, where)
             n = removed_count(windows)
             log.info("layer_merge: threshold %.5f removes %d layers", mid, n)
             if n <= c.remove and n >= removed_count(best[1]):
@@ -109,12 +112,13 @@ class LayerMerge:
         start = time.perf_counter()
         c = self.config
         num_layers = len(decoder_layers(model))
-        reference = final_hidden_states(model, ctx.calibration)
+        where = layerwise_target(model, ctx.device, c.execution)
+        reference = final_hidden_states(model, ctx.calibration, where)
         if c.threshold is not None:
             threshold = c.threshold
-            windows = slm_windows(model, ctx.calibration, reference, threshold, c.similarity, c.merge_rule)
+            windows = slm_windows(model, ctx.calibration, reference, threshold, c.similarity, c.merge_rule, where)
         else:
-            threshold, windows = self.search(model, ctx.calibration, reference, ctx.log)
+            threshold, windows = self.search(model, ctx.calibration, reference, ctx.log, where)
         removed = merge_layers(model, windows, c.merge_rule)
         groups = [[ctx.original_layer_ids[j] for j in range(low, high + 1)] for low, high in sorted(windows)]
         return StageRecord(

@@ -110,3 +110,15 @@ def test_pipeline_provenance_for_a_merge(tmp_path, tiny_model_dir, text_file):
     groups = prov["stages"][0]["details"]["merged_groups_original"]
     merged_away = sorted(i for g in groups for i in g[1:])
     assert prov["removed_layers"] == merged_away and len(prov["kept_layers"]) == 3
+
+
+def test_layerwise_merge_search_equals_the_full_path():
+    cpu = torch.device("cpu")
+    model = tiny_model("qwen3", 6)
+    full_ref = final_hidden_states(model, CAL)
+    lw_ref = final_hidden_states(model, CAL, cpu)
+    for a, b in zip(full_ref, lw_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for t in (0.5, 0.8, 0.95):
+        assert slm_windows(model, CAL, full_ref, t, "cosine", "delta_sum") == \
+            slm_windows(model, CAL, lw_ref, t, "cosine", "delta_sum", cpu)
