@@ -153,6 +153,13 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
     return (net if device_map is not None else net.to(device)).eval(), tokenizer
 
 
+def load_quantized(folder: Path, device) -> Any:
+    """A quantized checkpoint (its config's quantization_config says how), placed on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map=str(device)).eval()
+
+
 def estimated_weight_bytes(config, dtype: torch.dtype) -> int:
     """Bytes the model's weights take in ``dtype``, from its config alone (built on the meta device)."""
     from transformers import AutoModelForCausalLM

@@ -125,3 +125,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def crash_perplexity_at(monkeypatch, n: int) -> None:
+    """Make the n-th perplexity evaluation of a run raise (a crash between steps); undo with
+    ``monkeypatch.setattr(suite, "perplexity", REAL_PERPLEXITY)``."""
+    import compress.evaluate.suite as suite
+
+    calls = {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(f"simulated crash in perplexity evaluation {n}")
+        return REAL_PERPLEXITY(*a, **k)
+    monkeypatch.setattr(suite, "perplexity", crashing)
+
+
+def restore_perplexity(monkeypatch) -> None:
+    import compress.evaluate.suite as suite
+
+    monkeypatch.setattr(suite, "perplexity", REAL_PERPLEXITY)
+
+
+from compress.evaluate.perplexity import perplexity as REAL_PERPLEXITY  # noqa: E402

@@ -19,7 +19,7 @@ from compress.errors import CompressError
 from compress.model_io import content_hash
 from compress.pipeline import run_recipe
 from compress.stages.base import StageConfig, StageRecord
-from conftest import tiny_model
+from conftest import crash_perplexity_at, restore_perplexity, tiny_model
 from compress.surgery import decoder_layers
 
 IDS = torch.randint(1, 320, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -285,19 +285,11 @@ def test_a_non_replayable_stage_resumes_from_its_checkpoint(recipe, tmp_path, mo
     body["stages"].append({"halve_norm": {}})
     body["save"] = ["layer_removal"]  # halve_norm is saved anyway: it is the resume point
     recipe.write_text(yaml.safe_dump(body))
-    real = suite.perplexity
-    calls = {"n": 0}
-
-    def crash_on_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("crash in the evaluation after halve_norm")
-        return real(*a, **k)
-    monkeypatch.setattr(suite, "perplexity", crash_on_third)
+    crash_perplexity_at(monkeypatch, 3)
     with pytest.raises(RuntimeError):
         run_recipe(recipe, progress=False)
     assert HalveNorm.applied == 1 and (tmp_path / "run/checkpoints/halve_norm/model.safetensors").exists()
-    monkeypatch.setattr(suite, "perplexity", real)
+    restore_perplexity(monkeypatch)
     resumed = run_recipe(recipe, progress=False)
     assert HalveNorm.applied == 1  # loaded from its checkpoint, not redone
     assert [r["layers"] for r in resumed["rows"]] == [5, 3, 3]

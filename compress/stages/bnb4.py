@@ -105,8 +105,8 @@ class BnB4:
         raise AssertionError("bnb4 is not replayable: the pipeline reloads its checkpoint")
 
     @staticmethod
-    def load(folder: Path, device: torch.device):
-        from transformers import AutoModelForCausalLM
-
+    def load(folder: Path, device):
         _bnb_version()
-        return AutoModelForCausalLM.from_pretrained(folder, device_map=str(device)).eval()
+        from compress.model_io import load_quantized  # lazy: model_io imports the stage registry
+
+        return load_quantized(folder, device)

@@ -152,7 +152,7 @@ class GPTQ:
 
     @staticmethod
     def load(folder: Path, device):
-        from transformers import AutoModelForCausalLM
-
         _backend()
-        return AutoModelForCausalLM.from_pretrained(folder, device_map=str(device)).eval()
+        from compress.model_io import load_quantized  # lazy: model_io imports the stage registry
+
+        return load_quantized(folder, device)

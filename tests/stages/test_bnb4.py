@@ -17,7 +17,7 @@ from compress.recipe import check_against_model, load_recipe
 from compress.stages.base import ModelFacts, StageContext
 from compress.stages.bnb4 import BnB4, BnB4Config
 from compress.surgery import remove_layers
-from conftest import tiny_model
+from conftest import crash_perplexity_at, restore_perplexity, tiny_model
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the test extra: pip install -e '.[test]'")
 IDS = torch.randint(1, 320, (2, 10), generator=torch.Generator().manual_seed(9))
@@ -69,19 +69,10 @@ def test_pipeline_prune_then_bnb4_resumes_from_the_4bit_checkpoint(tmp_path, tin
             "evaluate": {"perplexity": {"path": str(text_file), "seq_len": 32, "max_tokens": 256}},
             "stages": [{"layer_removal": {"remove": 1}}, {"bnb4": {"quant_type": "nf4"}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
-    import compress.evaluate.suite as suite
-
-    real, calls = suite.perplexity, {"n": 0}
-
-    def crash_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("crash after the bnb4 stage")
-        return real(*a, **k)
-    monkeypatch.setattr(suite, "perplexity", crash_third)
+    crash_perplexity_at(monkeypatch, 3)
     with pytest.raises(RuntimeError):
         run_recipe(tmp_path / "r.yaml", progress=False)
-    monkeypatch.setattr(suite, "perplexity", real)
+    restore_perplexity(monkeypatch)
     monkeypatch.setattr(BnB4, "apply", lambda *a: pytest.fail("bnb4 redone instead of loaded"))
     report = run_recipe(tmp_path / "r.yaml", progress=False)
     base, pruned, quant = report["rows"]

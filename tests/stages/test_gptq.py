@@ -14,7 +14,7 @@ import yaml
 from compress.stages.base import StageContext
 from compress.stages.gptq import GPTQ, GPTQConfig
 from compress.surgery import decoder_layers, remove_layers
-from conftest import MIXED
+from conftest import crash_perplexity_at, restore_perplexity, MIXED
 
 pytest.importorskip("gptqmodel", reason="GPTQModel is in the test extra: pip install -e '.[test]'")
 GEN = torch.Generator().manual_seed(21)
@@ -95,19 +95,10 @@ def test_pipeline_prune_then_gptq_resumes_from_its_checkpoint(tmp_path, tiny_tok
             "evaluate": {"perplexity": {"path": str(text_file), "seq_len": 32, "max_tokens": 256}},
             "stages": [{"layer_removal": {"remove": 1}}, {"gptq": {"bits": 4, "group_size": 32}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
-    import compress.evaluate.suite as suite
-
-    real, calls = suite.perplexity, {"n": 0}
-
-    def crash_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("crash after gptq")
-        return real(*a, **k)
-    monkeypatch.setattr(suite, "perplexity", crash_third)
+    crash_perplexity_at(monkeypatch, 3)
     with pytest.raises(RuntimeError):
         run_recipe(tmp_path / "r.yaml", progress=False)
-    monkeypatch.setattr(suite, "perplexity", real)
+    restore_perplexity(monkeypatch)
     monkeypatch.setattr(GPTQ, "apply", lambda *a: pytest.fail("gptq redone instead of loaded"))
     rows = run_recipe(tmp_path / "r.yaml", progress=False)["rows"]
     assert [r["layers"] for r in rows] == [4, 3, 3] and rows[2]["bits"] == 4
