@@ -17,6 +17,9 @@ Sample yaml::
 :param remove: instead of a threshold, the number of layers to remove (threshold found by bisection).
 :param similarity: ``cosine`` (final hidden states, as the reference code) or ``cka`` (linear CKA).
 :param merge_rule: ``delta_sum`` (the paper) or ``top`` (the reference code's effective rule).
+:param calibration: ``same`` (the recipe's windows) or its own ``{path|dataset, samples, seq_len}``;
+    the reference code uses 10 samples x 128 tokens, and the search runs the model once per
+    candidate window, so a small set keeps it fast.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from compress.data.sources import CalibrationConfig
 from compress.importance.similarity import SIMILARITIES, final_hidden_states
 from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
@@ -39,6 +43,7 @@ class LayerMergeConfig(StageConfig):
     merge_rule: Literal["delta_sum", "top"] = "delta_sum"
     search_steps: int = Field(14, ge=1, le=40)
     execution: Literal["auto", "full", "layerwise"] = "auto"  # as in layer_removal
+    calibration: Literal["same"] | CalibrationConfig = "same"  # reference: 10 samples x 128 tokens
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -122,3 +122,16 @@ def test_layerwise_merge_search_equals_the_full_path():
     for t in (0.5, 0.8, 0.95):
         assert slm_windows(model, CAL, full_ref, t, "cosine", "delta_sum") == \
             slm_windows(model, CAL, lw_ref, t, "cosine", "delta_sum", cpu)
+
+
+def test_own_calibration_set_is_used(tmp_path, tiny_model_dir, text_file):
+    import yaml
+
+    from compress.pipeline import run_recipe
+
+    body = {"model": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "output": "run",
+            "stages": [{"layer_merge": {"remove": 1, "calibration": {"path": str(text_file), "samples": 3,
+                                                                      "seq_len": 12}}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    report = run_recipe(tmp_path / "r.yaml", progress=False)  # no top-level calibration needed
+    assert [r["layers"] for r in report["rows"]] == [5, 4]
