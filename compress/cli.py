@@ -66,12 +66,14 @@ def validate(recipe: Path) -> None:
     """Check a RECIPE (and the model's config) without loading any weights."""
     from compress.model_io import model_facts, read_config
     from compress.recipe import check_against_model, load_recipe
+    from compress.run_folder import output_status
 
     r = load_recipe(recipe)
     facts = model_facts(read_config(r.model, r.revision, r.trust_remote_code))
     check_against_model(r, facts)
+    status = output_status(r.output, r.fingerprint())
     click.echo(f"{recipe}: ok ({len(r.stages)} stage(s): {', '.join(s.name for s in r.stages)}; "
-               f"model {facts.model_type} with {facts.num_layers} layers; output {r.output})")
+               f"model {facts.model_type} with {facts.num_layers} layers; output {r.output}: {status})")
 
 
 @main.command()

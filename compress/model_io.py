@@ -253,8 +253,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder to its final name, replacing an older one only after it is complete."""
+    """Move a finished folder to its final name, replacing an older one only after it is complete.
+    Only folders compress wrote (a run or a checkpoint) are ever removed."""
     old = final.with_name(f".old-{final.name}")
+    for folder in (final, old):
+        if folder.exists() and not _written_by_compress(folder):
+            raise CompressError(f"{folder}: holds files that compress did not write; not replacing it "
+                                "(move it away and run again)")
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -262,6 +267,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _written_by_compress(folder: Path) -> bool:
+    """A run folder (run.json), a checkpoint (compress.json), or an empty folder."""
+    if not folder.is_dir():
+        return False
+    return (folder / "run.json").is_file() or (folder / PROVENANCE).is_file() or not any(folder.iterdir())
 
 
 def save_checkpoint(model, tokenizer, final: Path, provenance: dict[str, Any], saver=None) -> Path:

@@ -2,13 +2,14 @@
 
 Everything a run produces lives in the recipe's ``output`` folder::
 
-    run.json                 which recipe (fingerprint) this folder belongs to
+    run.json                 which recipe (fingerprint) and input model (identity) it belongs to
     state/NN-<step>.json     one file per finished step: what a resumed run skips
     checkpoints/<stage>/     loadable checkpoints (written atomically)
     report.json, report.md, plots/*.png
 
-Re-running the same recipe resumes: finished stages are replayed from their records (layer
-removal: the recorded indices, no re-scoring), finished evaluations and checkpoints are reused.
+Re-running the same recipe on the same model files resumes: finished stages are replayed from their
+records (layer removal: the recorded indices, no re-scoring), finished evaluations and checkpoints are
+reused. Which folders a run may write and replace: compress.run_folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +36,11 @@ from compress.model_io import (PROVENANCE, check_fits, check_fits_anywhere, load
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
 from compress.recipe import Recipe, check_against_model, load_recipe
 from compress.report import write_report
+from compress.run_folder import choose_work_folder, hold_run_lock, model_identity, start_run_folder
 from compress.stages import STAGES
 from compress.stages.base import StageContext
 
 log = logging.getLogger("compress")
-RUN_FILE = "run.json"
 
 
 def _versions() -> dict[str, str]:
@@ -50,33 +50,10 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def prepare_output(recipe: Recipe, overwrite: bool) -> Path:
-    """The folder this run writes to; refuses to mix with another recipe's run."""
-    out = recipe.output
-    ours = {"fingerprint": recipe.fingerprint(), "recipe": str(recipe.path)}
-
-    def belongs(folder: Path) -> bool:
-        run = folder / RUN_FILE
-        return run.exists() and json.loads(run.read_text()).get("fingerprint") == ours["fingerprint"]
-
-    if out.exists() and not out.is_dir():
-        raise CompressError(f"output: {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()) or belongs(out):
-        work = out
-    elif overwrite:
-        work = out.with_name(f".{out.name}.new")  # swapped in only once complete
-        if work.exists() and not belongs(work):
-            shutil.rmtree(work)
-    else:
-        raise CompressError(
-            f"output: {out} is not empty and holds no run of this recipe ({recipe.path.name}); "
-            "choose another output folder, or pass --overwrite to replace it once the new run completes"
-        )
-    work.mkdir(parents=True, exist_ok=True)
-    for stale in [*work.glob("checkpoints/.tmp-*"), *work.glob("checkpoints/.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while writing a checkpoint
-    if not (work / RUN_FILE).exists():
-        write_atomic(work / RUN_FILE, json.dumps({**ours, "created": time.time()}, indent=2))
+def prepare_output(recipe: Recipe, overwrite: bool, identity: dict[str, Any]) -> Path:
+    """The folder this run writes to (see compress.run_folder); the caller holds the run lock."""
+    work = choose_work_folder(recipe.output, recipe.fingerprint(), identity, overwrite)
+    start_run_folder(work, recipe.fingerprint(), recipe.path, identity)
     return work
 
 
@@ -109,7 +86,8 @@ class Pipeline:
         self.device = resolve_device(recipe.device)
         self.dtype = resolve_dtype(recipe.dtype, self.config)
         self.layerwise = self.choose_layerwise()
-        self.folder = prepare_output(recipe, overwrite)
+        self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
+        self.folder = prepare_output(recipe, overwrite, model_identity(self.source))
         self.final_folder = recipe.output
         self.state = RunState(self.folder)
         self._calibration: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -191,7 +169,6 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         recipe = self.recipe
-        self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
         home = torch.device("cpu") if self.layerwise else self.device
         model, tokenizer = load_model(recipe.model, dtype=self.dtype, device=home,
                                       revision=recipe.revision, trust_remote_code=recipe.trust_remote_code,
@@ -300,7 +277,9 @@ class Pipeline:
             entry = self.state.load(i, spec.name)
             if entry:
                 stages.append({"name": spec.name, **entry["record"]})
+        total = len(self.recipe.stages) + 1
         return {
+            "complete": len(rows) == total, "steps_done": len(rows), "steps_total": total,
             "recipe": str(self.recipe.path), "output": str(self.final_folder),
             "model": self.recipe.model, "source": self.source,
             "trust_remote_code": self.recipe.trust_remote_code,
@@ -318,14 +297,15 @@ class Pipeline:
 def run_recipe(path: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Validate the recipe, run it, and return the report (also written to the output folder)."""
     recipe = load_recipe(path)
-    pipeline = Pipeline(recipe, overwrite=overwrite, progress=progress)
-    try:
-        return pipeline.run()
-    except torch.OutOfMemoryError as e:
-        raise CompressError(
-            f"out of memory on {pipeline.device}: {str(e).splitlines()[0]}. Finished steps are kept: "
-            "lower batch_size / seq_len / samples, or set `device_map: auto`, then run again to resume"
-        ) from None
+    with hold_run_lock(recipe.output):
+        pipeline = Pipeline(recipe, overwrite=overwrite, progress=progress)
+        try:
+            return pipeline.run()
+        except torch.OutOfMemoryError as e:
+            raise CompressError(
+                f"out of memory on {pipeline.device}: {str(e).splitlines()[0]}. Finished steps are kept: "
+                "lower batch_size / seq_len / samples, or set `device_map: auto`, then run again to resume"
+            ) from None
 
 
 __all__ = ["run_recipe", "Pipeline", "PROVENANCE"]

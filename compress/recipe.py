@@ -23,6 +23,7 @@ from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, MMLUConfig, PerplexityConfig
 from compress.model_io import local_model_dir, parse_size
+from compress.run_folder import output_conflicts
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
 
@@ -291,12 +292,18 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", top.device):
         errors.append(f"device: {top.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     output = (base / Path(top.output).expanduser()).resolve()
-    if is_local and (output == Path(model) or Path(model) in output.parents):
-        errors.append(f"output: {output} is inside the input model folder {model}; choose another folder")
     calibration = _resolve_source(top.calibration, base, "calibration", errors)
     specs = [_resolve_stage_calibration(spec, i, base, errors) for i, spec in enumerate(specs)]
     ppl = _resolve_source(top.evaluate.perplexity, base, "evaluate.perplexity", errors)
     mmlu = _resolve_source(top.evaluate.mmlu, base, "evaluate.mmlu", errors)
+    data = {key: Path(src.path) for key, src in (("calibration.path", calibration),
+                                                 ("evaluate.perplexity.path", ppl), ("evaluate.mmlu.path", mmlu))
+            if src is not None and src.path is not None}
+    for i, spec in enumerate(specs):
+        own = getattr(spec.config, "calibration", None)
+        if isinstance(own, CalibrationConfig) and own.path is not None:
+            data[f"stages[{i}].{spec.kind}.calibration.path"] = Path(own.path)
+    errors.extend(output_conflicts(output, Path(model) if is_local else None, base, data))
     evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu})
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,

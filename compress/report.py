@@ -89,8 +89,12 @@ def plot_scores(stage: dict[str, Any], path: Path) -> bool:
 def markdown(report: dict[str, Any], plots: list[str]) -> str:
     rows = report["rows"]
     ppl_data = next((r.get("ppl_data") for r in rows if r.get("ppl_data")), None)
-    parts = [f"# compress report: {Path(report['recipe']).name}", "",
-             f"Model `{report['model']}` on {report['device']} ({report['dtype']}); "
+    parts = [f"# compress report: {Path(report['recipe']).name}", ""]
+    if not report.get("complete", True):
+        parts += [f"> **Incomplete**: {report['steps_done']} of {report['steps_total']} steps are done "
+                  f"(last: {rows[-1]['step']}); the run stopped or is still running. Run the same "
+                  "command again to resume.", ""]
+    parts += [f"Model `{report['model']}` on {report['device']} ({report['dtype']}); "
              f"perplexity on {ppl_data or '(not evaluated)'}.", "", table(rows), ""]
     for stage in report["stages"]:
         parts.append(f"- **{stage['name']}**: {stage['summary']}")
