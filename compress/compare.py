@@ -33,7 +33,7 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return sorted(front, key=lambda i: points[i][0])
 
 
-def _scatter(rows, key: str, label: str, higher_is_better: bool, path: Path) -> bool:
+def _scatter(rows, key: str, label: str, higher_is_better: bool, path: Path, log_y: bool | None = None) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +56,7 @@ def _scatter(rows, key: str, label: str, higher_is_better: bool, path: Path) -> 
             label="Pareto front")
     ax.set_xlabel("weight memory as stored (MiB)")
     ax.set_ylabel(label)
-    if not higher_is_better:
+    if (not higher_is_better) if log_y is None else log_y:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
@@ -92,7 +92,7 @@ def _decode_bars(rows, path: Path) -> bool:
 
 
 def stage_plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    """Perplexity and MMLU vs weight memory (Pareto front marked), decode speed per stage: the
+    """Perplexity, MMLU and KL vs weight memory (Pareto front marked), decode speed per stage: the
     file names written to ``out`` (plots without data are skipped)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -100,6 +100,9 @@ def stage_plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
         plots.append("ppl_vs_weights.png")
     if len(rows) > 1 and _scatter(rows, "mmlu", "MMLU accuracy (macro, higher is better)", True, out / "mmlu_vs_weights.png"):
         plots.append("mmlu_vs_weights.png")
+    if len(rows) > 1 and _scatter(rows, "kl_mean", "mean KL vs baseline (nats/token, lower is better)", False,
+                                  out / "kl_vs_weights.png", log_y=False):
+        plots.append("kl_vs_weights.png")
     if _decode_bars(rows, out / "decode_tok_s.png"):
         plots.append("decode_tok_s.png")
     return plots

@@ -29,7 +29,9 @@ from compress.data.sources import CalibrationConfig, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.faults import crash_point
+from compress.evaluate.fidelity import BaselineStore, FidelityKey, FidelityMeter, StoreWriter, evaluation_fingerprint
 from compress.evaluate.memory import disk_bytes
+from compress.evaluate.perplexity import make_windows
 from compress.evaluate.suite import (efficiency_metrics, mmlu_metrics, mmlu_questions, perplexity_metrics,
                                      perplexity_tokens, size_metrics)
 from compress.model_io import (PROVENANCE, check_fits, check_fits_anywhere, load_model, model_facts, read_config, replace_dir,
@@ -41,6 +43,18 @@ from compress.stages import STAGES
 from compress.stages.base import StageContext
 
 log = logging.getLogger("compress")
+STORE_FOLDER = "state/baseline-logits"  # the baseline's top-k log-probs on the perplexity text
+
+
+def finish_fidelity(observer, top_k: int) -> dict[str, Any]:
+    """Commit the store (baseline) and return the fidelity metrics of the pass just made."""
+    if isinstance(observer, FidelityMeter):
+        return {**observer.metrics(), "fidelity_top_k": top_k}
+    observer.commit()  # the baseline's StoreWriter
+    store = BaselineStore.open(observer.folder)
+    log.info("baseline-logits store: %d positions x top-%d, %.1f MiB at %s", store.meta["positions"],
+             top_k, store.nbytes() / 2**20, observer.folder)
+    return {**observer.meter.metrics(), "fidelity_top_k": top_k, "fidelity_store_bytes": store.nbytes()}
 
 
 def _versions() -> dict[str, str]:
@@ -134,10 +148,12 @@ class Pipeline:
         metrics = size_metrics(model)
         evaluate = self.recipe.evaluate
         if evaluate.perplexity is not None and self.should_evaluate(step):
-            if self._eval_tokens is None:
-                self._eval_tokens = perplexity_tokens(tokenizer, evaluate.perplexity)
-            metrics.update(perplexity_metrics(model, self._eval_tokens, evaluate.perplexity,
-                                              self.device, self.progress, layerwise=self.layerwise))
+            observer = self.fidelity_observer(step, model, tokenizer)
+            metrics.update(perplexity_metrics(model, self.eval_tokens(tokenizer), evaluate.perplexity,
+                                              self.device, self.progress, layerwise=self.layerwise,
+                                              observe=observer))
+            if observer is not None:
+                metrics.update(finish_fidelity(observer, evaluate.fidelity.top_k))
             crash_point("evaluation")
         if evaluate.mmlu is not None and self.should_evaluate(step):
             if self._mmlu is None:
@@ -150,6 +166,31 @@ class Pipeline:
                 metrics.update(efficiency_metrics(model, evaluate.efficiency))
         metrics["eval_wall_s"] = time.perf_counter() - start
         return metrics
+
+    def eval_tokens(self, tokenizer) -> torch.Tensor:
+        if self._eval_tokens is None:
+            self._eval_tokens = perplexity_tokens(tokenizer, self.recipe.evaluate.perplexity)
+        return self._eval_tokens
+
+    def fidelity_observer(self, step: str, model, tokenizer):
+        """Baseline: a writer of the baseline-logits store; later steps: a meter reading it."""
+        evaluate = self.recipe.evaluate
+        if evaluate.fidelity is None:
+            return None
+        ppl = evaluate.perplexity
+        tokens = self.eval_tokens(tokenizer)
+        windows = make_windows(tokens.numel(), ppl.seq_len, ppl.stride or ppl.seq_len)
+        key = FidelityKey(evaluate.fidelity.top_k, sum(w.end - w.target_from for w in windows),
+                          evaluation_fingerprint(tokens, ppl.seq_len, ppl.stride, ppl.batch_size))
+        folder = self.folder / STORE_FOLDER
+        if step == "baseline":
+            vocab = model.get_output_embeddings().weight.shape[0]
+            return StoreWriter(folder, key, vocab)
+        store = BaselineStore.open(folder)
+        if not store.matches(key):
+            raise CompressError(f"{folder}: built for other evaluation settings ({store.meta}); delete "
+                                "it and the state/00-baseline.json beside it, then run again")
+        return FidelityMeter(store)
 
     def should_evaluate(self, name: str) -> bool:
         after = self.recipe.evaluate.after
@@ -200,6 +241,10 @@ class Pipeline:
 
     def _baseline(self, model, tokenizer) -> dict[str, Any]:
         entry = self.state.load(0, "baseline")
+        if entry is not None and self.recipe.evaluate.fidelity is not None \
+                and not (self.folder / STORE_FOLDER / "meta.json").exists():
+            log.info("resume: the baseline-logits store is missing; evaluating the baseline again")
+            entry = None
         if entry is None:
             entry = {"step": "baseline", "metrics": self.measure("baseline", model, tokenizer)}
             self.state.store(0, "baseline", entry)

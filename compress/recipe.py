@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
-from compress.evaluate.suite import EfficiencyConfig, MMLUConfig, PerplexityConfig
+from compress.evaluate.suite import EfficiencyConfig, FidelityConfig, MMLUConfig, PerplexityConfig
 from compress.model_io import local_model_dir, parse_size
 from compress.run_folder import output_conflicts
 from compress.stages import STAGES, UNAVAILABLE
@@ -41,6 +41,7 @@ class EvaluateConfig(_Strict):
     perplexity: PerplexityConfig | None = None
     mmlu: MMLUConfig | None = None
     efficiency: EfficiencyConfig | None = None
+    fidelity: FidelityConfig | None = None  # KL / top-1 agreement vs the baseline, on the perplexity text
 
 
 class _Top(_Strict):
@@ -219,6 +220,11 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
     for j, name in enumerate(top.evaluate.after):
         if name not in allowed:
             errors.append(f"evaluate.after[{j}]: {name!r} is not one of {allowed}")
+    if top.evaluate.fidelity is not None:
+        if top.evaluate.perplexity is None:
+            errors.append("evaluate.fidelity: is measured on the perplexity text; add evaluate.perplexity")
+        if "baseline" not in top.evaluate.after:
+            errors.append("evaluate.fidelity: compares with the baseline; add baseline to evaluate.after")
 
 
 def _resolve_model(model: str, base: Path, errors: list[str]) -> tuple[str, bool]:

@@ -15,6 +15,8 @@ COLUMNS = [  # (key, header, format)
     ("bits", "bits", "{}"),
     ("weight_bytes", "weights (MiB)", "{:.1f}"),
     ("ppl", "ppl", "{:.3f}"),
+    ("kl_mean", "KL", "{:.4f}"),
+    ("top1_agree", "top-1", "{:.3f}"),
     ("mmlu", "MMLU", "{:.3f}"),
     ("disk_bytes", "disk (MiB)", "{:.1f}"),
     ("peak_memory_bytes", "peak mem (MiB)", "{:.0f}"),

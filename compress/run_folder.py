@@ -165,7 +165,7 @@ def start_run_folder(work: Path, fingerprint: str, recipe_path: Path, identity: 
     from compress.model_io import write_atomic
 
     work.mkdir(parents=True, exist_ok=True)
-    for stale in [*work.glob("checkpoints/.tmp-*"), *work.glob("checkpoints/.old-*")]:
+    for stale in [*work.glob("checkpoints/.tmp-*"), *work.glob("checkpoints/.old-*"), *work.glob("state/.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     if read_run_file(work) is None:
         import time

@@ -4,16 +4,21 @@ Windows of ``seq_len`` tokens start every ``stride`` tokens (stride == seq_len: 
 Each token is predicted exactly once, with as much left context as its window gives (the standard
 sliding-window evaluation of the transformers docs). Log-softmax runs in float32 whatever the
 model's dtype. ppl = exp(sum NLL / number of predicted tokens).
+
+An ``observe(logp, targets)`` callback sees the float32 log-probs (n, V) and reference tokens (n,)
+of every scored position, in a fixed order (the fidelity-vs-baseline meters use it: one pass).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+Observer = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -52,18 +57,29 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-@torch.no_grad()
-def window_nll(model, tokens: torch.Tensor, windows: list[Window], device) -> tuple[float, int]:
-    """Summed NLL and count over equal-length ``windows`` run as one batch."""
-    ids = torch.stack([tokens[w.begin : w.end] for w in windows]).to(device)
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    nll = token_nll(logits, ids[:, 1:])  # position p predicts token p+1
+def score_windows(logits: torch.Tensor, ids: torch.Tensor, windows: list[Window],
+                  observe: Observer | None = None) -> tuple[float, int]:
+    """Summed NLL and count of the scored positions; logits (B, T-1, V) predict ids[:, 1:]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    targets = ids[:, 1:]
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # position p predicts token p+1
     total, count = 0.0, 0
     for row, w in enumerate(windows):
         first = w.target_from - w.begin - 1  # index into nll of the first scored prediction
         total += float(nll[row, first:].double().sum())
         count += w.end - w.target_from
+        if observe is not None:
+            observe(logp[row, first:], targets[row, first:])
     return total, count
+
+
+@torch.no_grad()
+def window_nll(model, tokens: torch.Tensor, windows: list[Window], device,
+               observe: Observer | None = None) -> tuple[float, int]:
+    """Summed NLL and count over equal-length ``windows`` run as one batch."""
+    ids = torch.stack([tokens[w.begin : w.end] for w in windows]).to(device)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return score_windows(logits, ids, windows, observe)
 
 
 def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
@@ -76,7 +92,7 @@ def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
 
 @torch.no_grad()
 def layerwise_window_nll(model, tokens: torch.Tensor, batches: list[list[Window]], device,
-                         progress: bool = True) -> tuple[float, int]:
+                         progress: bool = True, observe: Observer | None = None) -> tuple[float, int]:
     """Summed NLL and count, running the decoder one layer at a time on ``device`` (weights stay
     where they are): for models larger than the accelerator. Same windows, same scoring."""
     from compress.layerwise import run_layerwise
@@ -95,17 +111,15 @@ def layerwise_window_nll(model, tokens: torch.Tensor, batches: list[list[Window]
         logits = head(norm(hidden.to(device)))[:, :-1]
         if cap:  # Gemma 2/3: logits = cap * tanh(logits / cap), as their forward does
             logits = cap * torch.tanh(logits / cap)
-        nll = token_nll(logits, batch["input_ids"][:, 1:].to(device))
-        for row, w in enumerate(ws):
-            total += float(nll[row, w.target_from - w.begin - 1 :].double().sum())
-            count += w.end - w.target_from
+        t, c = score_windows(logits, batch["input_ids"].to(device), ws, observe)
+        total, count = total + t, count + c
     norm.to(homes[0]), head.to(homes[1])
     return total, count
 
 
 def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
                batch_size: int = 1, device=None, progress: bool = True,
-               layerwise: bool = False) -> PerplexityResult:
+               layerwise: bool = False, observe: Observer | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on a 1-D tensor of token ids (``layerwise``: one decoder layer at a
     time on ``device``, for a model whose weights stay in CPU memory)."""
     stride = stride or seq_len
@@ -117,9 +131,9 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, stride: int | None = N
     was_training = model.training
     model.eval()
     if layerwise:
-        total, count = layerwise_window_nll(model, tokens, batches, device, progress)
+        total, count = layerwise_window_nll(model, tokens, batches, device, progress, observe)
     for batch in tqdm([] if layerwise else batches, desc="perplexity", unit="batch", disable=not progress):
-        t, c = window_nll(model, tokens, batch, device)
+        t, c = window_nll(model, tokens, batch, device, observe)
         total, count = total + t, count + c
     model.train(was_training)
     nll = total / count

@@ -31,6 +31,14 @@ class PerplexityConfig(TextSource):
         return self
 
 
+class FidelityConfig(BaseModel):
+    """KL / top-1 agreement / Δ log-prob vs the baseline on the perplexity text (same pass)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: int = Field(64, ge=1, le=1_000_000)  # baseline log-probs kept per position (+ a rest bucket)
+
+
 class EfficiencyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -108,11 +116,11 @@ def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
 
 
 def perplexity_metrics(model, tokens: torch.Tensor, cfg: PerplexityConfig, device: torch.device,
-                       progress: bool = True, layerwise: bool = False) -> dict[str, Any]:
-    """Perplexity and the peak memory it took."""
+                       progress: bool = True, layerwise: bool = False, observe=None) -> dict[str, Any]:
+    """Perplexity and the peak memory it took (``observe``: see compress.evaluate.perplexity)."""
     with PeakMemory(device) as peak:
         result = perplexity(model, tokens, cfg.seq_len, cfg.stride, cfg.batch_size, device, progress,
-                            layerwise=layerwise)
+                            layerwise=layerwise, observe=observe)
     return {"ppl": result.ppl, "ppl_tokens": result.tokens, "ppl_data": source_label(cfg),
             "peak_memory_bytes": peak.peak_bytes, "peak_memory_kind": peak.kind}
 
