@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, FidelityConfig, MMLUConfig, PerplexityConfig
 from compress.model_io import local_model_dir, parse_size
+from compress.recipe_text import expand, read_yaml
 from compress.run_folder import output_conflicts
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -49,7 +47,7 @@ class _Top(_Strict):
     revision: str | None = None
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
     device: str = "auto"
-    device_map: str | dict[str, Any] | None = None  # passed to accelerate (multi-GPU, CPU offload)
+    device_map: str | dict[str, str | int] | None = None  # accelerate's: module -> device (multi-GPU, offload)
     max_memory: dict[str | int, str | int] | None = None  # e.g. {0: 70GiB, cpu: 200GiB}
     layerwise: Literal["auto", True, False] = "auto"  # keep weights in CPU memory, run layer by layer
     trust_remote_code: bool = False
@@ -76,7 +74,7 @@ class Recipe:
     revision: str | None
     dtype: str
     device: str
-    device_map: str | dict[str, Any] | None
+    device_map: str | dict[str, str | int] | None
     max_memory: dict[str | int, str | int] | None
     layerwise: str | bool
     trust_remote_code: bool
@@ -90,10 +88,26 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Identifies the run: same fingerprint = same recipe (after expansion)."""
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(_sorted(self.raw)).encode()).hexdigest()[:16]
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
+
+
+def _sorted(value: Any) -> Any:
+    """``value`` with every mapping's keys in order, as json's sort_keys orders them, except that
+    int and str keys may mix (``max_memory: {0: 70GiB, cpu: 200GiB}``): ints first."""
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value, key=lambda k: (isinstance(k, str), k))}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a recipe value, cut to ``limit`` characters (values can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _loc(loc: tuple) -> str:
@@ -103,10 +117,27 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _pydantic_errors(e: ValidationError, prefix: str) -> list[str]:
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _user_loc(loc: tuple, data: Any) -> tuple:
+    """pydantic's error location without the names it gives union members and validators
+    (``dict[str,union[str,int]]``, ``str``, ``function-after[...]``), unless the input has that key."""
+    out, node = [], data
+    for part in loc:
+        here = isinstance(node, dict) and part in node
+        if not here and isinstance(part, str) and ("[" in part or part in _TYPE_TAGS):
+            continue
+        out.append(str(part) if here else part)  # an int key of a mapping is no list index
+        node = node[part] if here or (isinstance(node, list) and isinstance(part, int)
+                                      and 0 <= part < len(node)) else None
+    return tuple(out)
+
+
+def _pydantic_errors(e: ValidationError, prefix: str, data: Any) -> list[str]:
     msgs = []
     for err in e.errors():
-        loc = _loc(tuple(p for p in err["loc"] if p not in ("function-after",)))
+        loc = _loc(_user_loc(err["loc"], data))
         key = ".".join(p for p in (prefix, loc) if p)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -115,49 +146,9 @@ def _pydantic_errors(e: ValidationError, prefix: str) -> list[str]:
             msg = "required key is missing"
         got = err.get("input")
         if err["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict):
-            msg += f" (got {got!r})"
+            msg += f" (got {_short(got)})"
         msgs.append(f"{key or '(top level)'}: {msg}")
     return msgs
-
-
-def _expand(value: Any, key: str, errors: list[str]) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in every string of the parsed YAML."""
-    if isinstance(value, dict):
-        return {k: _expand(v, f"{key}.{k}" if key else str(k), errors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in os.environ and os.environ[name] != "":
-            return os.environ[name]
-        if default is not None:
-            return default
-        errors.append(f"{key}: environment variable ${{{name}}} is not set (set it, or write ${{{name}:-default}})")
-        return m.group(0)
-
-    return _ENV.sub(sub, value)
-
-
-def _read_yaml(path: Path) -> Any:
-    if not path.exists():
-        raise CompressError(f"{path}: recipe file not found")
-    if path.is_dir():
-        raise CompressError(f"{path}: is a directory; give the recipe's .yaml file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CompressError(f"{path}: cannot read the recipe ({e})") from None
-    if not text.strip():
-        raise CompressError(f"{path}: the recipe is empty; see README 'Recipe reference'")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise CompressError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
 
 
 def _parse_stage(index: int, entry: Any, errors: list[str]) -> tuple[str, StageConfig] | None:
@@ -171,15 +162,15 @@ def _parse_stage(index: int, entry: Any, errors: list[str]) -> tuple[str, StageC
         errors.append(f"{key}.{kind}: {UNAVAILABLE[kind]}")
         return None
     if kind not in STAGES:
-        errors.append(f"{key}: unknown stage {kind!r}; supported: {sorted(STAGES)}")
+        errors.append(f"{key}: unknown stage {_short(kind)}; supported: {sorted(STAGES)}")
         return None
     if options is not None and not isinstance(options, dict):
-        errors.append(f"{key}.{kind}: expected a mapping of options, got {options!r}")
+        errors.append(f"{key}.{kind}: expected a mapping of options, got {_short(options)}")
         return None
     try:
         return kind, STAGES[kind].Config.model_validate(options or {}, strict=True)
     except ValidationError as e:
-        errors.extend(_pydantic_errors(e, f"{key}.{kind}"))
+        errors.extend(_pydantic_errors(e, f"{key}.{kind}", options or {}))
         return None
 
 
@@ -215,11 +206,11 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
                           "`calibration: {dataset: pg19, samples: 128, seq_len: 2048}` (or `path:`)")
     for j, name in enumerate(top.save or []):
         if name not in names:
-            errors.append(f"save[{j}]: {name!r} is not a stage of this recipe; stages: {names}")
+            errors.append(f"save[{j}]: {_short(name)} is not a stage of this recipe; stages: {names}")
     allowed = ["baseline", "every_stage", *names]
     for j, name in enumerate(top.evaluate.after):
         if name not in allowed:
-            errors.append(f"evaluate.after[{j}]: {name!r} is not one of {allowed}")
+            errors.append(f"evaluate.after[{j}]: {_short(name)} is not one of {allowed}")
     if top.evaluate.fidelity is not None:
         if top.evaluate.perplexity is None:
             errors.append("evaluate.fidelity: is measured on the perplexity text; add evaluate.perplexity")
@@ -233,10 +224,13 @@ def _resolve_model(model: str, base: Path, errors: list[str]) -> tuple[str, bool
     except CompressError as e:
         errors.append(str(e))
         return model, True
+    except (OSError, ValueError, RuntimeError) as e:  # name too long, NUL, ~unknown_user
+        errors.append(f"model: {_short(model)} is not a usable path ({_os_reason(e)})")
+        return model, True
     if local is not None:
         return str(local), True
     if not _HUB_ID.match(model):
-        errors.append(f"model: {model!r} is neither an existing local folder nor a hub id (org/name)")
+        errors.append(f"model: {_short(model)} is neither an existing local folder nor a hub id (org/name)")
     return model, False
 
 
@@ -251,25 +245,42 @@ def _resolve_stage_calibration(spec: StageSpec, index: int, base: Path, errors: 
 def _resolve_source(source, base: Path, key: str, errors: list[str]):
     if source is None or source.path is None:
         return source
-    path = (base / Path(source.path).expanduser()).resolve()
+    path = _local_path(source.path, base, f"{key}.path", errors)
+    if path is None:
+        return source
     if not path.exists():
         errors.append(f"{key}.path: {path} does not exist")
     return source.model_copy(update={"path": str(path)})
 
 
+def _os_reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)  # without the (long) path OSError repeats
+
+
+def _local_path(value: str, base: Path, key: str, errors: list[str]) -> Path | None:
+    """``value`` resolved against ``base``, or None (and an error) where the OS cannot use it."""
+    try:
+        path = (base / Path(value).expanduser()).resolve()
+        path.exists()  # raises for a name longer than the OS allows
+        return path
+    except (OSError, ValueError, RuntimeError) as e:  # name too long, NUL, ~unknown_user
+        errors.append(f"{key}: {_short(value)} is not a usable path ({_os_reason(e)})")
+        return None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe file. Raises CompressError listing every problem found."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise CompressError(f"{path}: a recipe is a YAML mapping (model:, output:, stages: ...), "
                             f"got {type(data).__name__}")
     errors: list[str] = []
-    data = _expand(data, "", errors)
+    data = expand(data, errors)
     try:
         top = _Top.model_validate(data, strict=True)
     except ValidationError as e:
-        errors.extend(_pydantic_errors(e, ""))
+        errors.extend(_pydantic_errors(e, "", data))
         top = None
     raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     specs, names = _stage_specs(raw_stages, errors)
@@ -277,10 +288,18 @@ def load_recipe(path: str | Path) -> Recipe:
     if top is not None:
         recipe = _build(top, specs, names, path, data, errors)
     if errors:
-        listed = "\n".join(f"  - {m}" for m in dict.fromkeys(errors))
-        raise CompressError(f"{path}: invalid recipe ({len(dict.fromkeys(errors))} problem(s)):\n{listed}")
+        raise CompressError(_problems(path, errors))
     assert recipe is not None
     return recipe
+
+
+def _problems(path: Path, errors: list[str], shown: int = 30) -> str:
+    """One message: every distinct problem (the first ``shown``, each cut to 500 characters)."""
+    unique = list(dict.fromkeys(errors))
+    listed = [f"  - {m if len(m) <= 500 else m[:497] + '...'}" for m in unique[:shown]]
+    if len(unique) > shown:
+        listed.append(f"  ... and {len(unique) - shown} more")
+    return f"{path}: invalid recipe ({len(unique)} problem(s)):\n" + "\n".join(listed)
 
 
 def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw: dict,
@@ -294,10 +313,11 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
         errors.append("max_memory: only used with device_map (e.g. `device_map: auto`); add one or drop it")
     for key, value in (top.max_memory or {}).items():
         if parse_size(value) is None:
-            errors.append(f"max_memory.{key}: {value!r} is not a size like 70GiB, 500MB or a byte count")
+            errors.append(f"max_memory.{key}: {_short(value)} is not a size like 70GiB, 500MB or a byte count")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", top.device):
-        errors.append(f"device: {top.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    output = (base / Path(top.output).expanduser()).resolve()
+        errors.append(f"device: {_short(top.device)} is not one of auto, cpu, cuda, cuda:N, mps")
+    usable_output = _local_path(top.output, base, "output", errors)
+    output = usable_output or base
     calibration = _resolve_source(top.calibration, base, "calibration", errors)
     specs = [_resolve_stage_calibration(spec, i, base, errors) for i, spec in enumerate(specs)]
     ppl = _resolve_source(top.evaluate.perplexity, base, "evaluate.perplexity", errors)
@@ -309,7 +329,8 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
         own = getattr(spec.config, "calibration", None)
         if isinstance(own, CalibrationConfig) and own.path is not None:
             data[f"stages[{i}].{spec.kind}.calibration.path"] = Path(own.path)
-    errors.extend(output_conflicts(output, Path(model) if is_local else None, base, data))
+    if usable_output is not None:
+        errors.extend(output_conflicts(output, Path(model) if is_local else None, base, data))
     evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu})
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.data.local import load_local_texts
 from compress.data.pg19 import LABELS, load_hub_texts
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1 (larger: OverflowError)
+MAX_COUNT = 2**31 - 1  # counts that become tensor sizes; at 2**62 and beyond torch's int64 sizes overflow
 
 
 class TextSource(BaseModel):
@@ -32,10 +35,17 @@ class CalibrationConfig(TextSource):
     """Calibration windows: ``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
 
     split: str = "validation"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(2048, ge=2)
+    samples: int = Field(128, ge=1, le=MAX_COUNT)
+    seq_len: int = Field(2048, ge=2, le=MAX_COUNT)
     seed: int = 0
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, le=MAX_COUNT)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: int) -> int:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"must be in 0..{MAX_SEED} (2**64-1), the seeds torch.Generator accepts")
+        return seed
 
 
 def source_label(source: TextSource) -> str:

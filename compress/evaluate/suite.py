@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.data.sources import TextSource, load_texts, source_label
+from compress.data.sources import MAX_COUNT, TextSource, load_texts, source_label
 from compress.data.tokens import tokenize_documents
 from compress.evaluate.latency import bandwidth_floor_share, copy_bandwidth, measure_latency
 from compress.evaluate.memory import PeakMemory, parameter_count, weight_bytes
@@ -42,9 +42,9 @@ class FidelityConfig(BaseModel):
 class EfficiencyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt_tokens: int = Field(512, ge=1)
-    new_tokens: int = Field(128, ge=2)
-    batch_size: int = Field(1, ge=1)
+    prompt_tokens: int = Field(512, ge=1, le=MAX_COUNT)  # tensor sizes: bounded so they cannot overflow
+    new_tokens: int = Field(128, ge=2, le=MAX_COUNT)
+    batch_size: int = Field(1, ge=1, le=MAX_COUNT)
     repeats: int = Field(5, ge=1)
     fast_path: bool = True  # also time decoding with a static KV cache
 
