@@ -117,8 +117,50 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     write_atomic(folder / "report.md", markdown(report, plots))
 
 
+_PROVENANCE_KEYS = {"stage": str, "recipe_path": str, "source": dict, "original_num_layers": int,
+                    "kept_layers": list, "removed_layers": list, "stages": list, "versions": dict}
+
+
+def provenance_problems(prov: Any) -> list[str]:
+    """Why ``prov`` is not a compress.json that `compress inspect` can show ([] if it is)."""
+    if not isinstance(prov, dict):
+        return [f"expected a JSON object, got {type(prov).__name__}"]
+    problems = []
+    for key, typ in _PROVENANCE_KEYS.items():
+        if key not in prov:
+            problems.append(f"missing key {key!r}")
+        elif not isinstance(prov[key], typ) or isinstance(prov[key], bool):
+            problems.append(f"{key!r} should be {typ.__name__}, got {type(prov[key]).__name__}")
+    for i, st in enumerate(prov["stages"] if isinstance(prov.get("stages"), list) else []):
+        if not isinstance(st, dict) or not all(isinstance(st.get(k), str) for k in ("name", "summary")):
+            problems.append(f"stages[{i}] should be an object with string 'name' and 'summary'")
+    return problems
+
+
+def read_provenance(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's compress.json; CompressError naming the file and what is wrong with it."""
+    from compress.errors import CompressError
+    from compress.model_io import PROVENANCE, read_json
+    from compress.paths import kind, regular_file
+
+    found = kind(checkpoint)
+    if found != "a folder":
+        why = "the folder does not exist" if found == "absent" else f"{checkpoint} is {found}, not a folder"
+        raise CompressError(f"{checkpoint}: no {PROVENANCE}; {why} (give a checkpoint folder written by "
+                            "`compress run`)")
+    path = checkpoint / PROVENANCE
+    if kind(path) != "absent":
+        regular_file(path, PROVENANCE)
+    prov = read_json(path, "was it written by `compress run`?")
+    problems = provenance_problems(prov)
+    if problems:
+        raise CompressError(f"{path}: not a compress provenance file ({'; '.join(problems)}); "
+                            "it is written by `compress run` with each saved checkpoint")
+    return prov
+
+
 def describe_provenance(checkpoint: Path, prov: dict[str, Any]) -> str:
-    """`compress inspect`: what a checkpoint is, from its compress.json."""
+    """`compress inspect`: what a checkpoint is, from its compress.json (checked by read_provenance)."""
     source = prov["source"]
     lines = [f"checkpoint {checkpoint}: stage {prov['stage']} of recipe {prov['recipe_path']}",
              f"source: {source.get('model')} (revision {source.get('revision') or source.get('commit')}, "

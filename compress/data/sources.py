@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.local import load_local_texts
 from compress.data.pg19 import LABELS, load_hub_texts
+from compress.limits import MAX_SAMPLES, MAX_SEED, MAX_SEQ_LEN
 
 
 class TextSource(BaseModel):
@@ -32,9 +33,9 @@ class CalibrationConfig(TextSource):
     """Calibration windows: ``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
 
     split: str = "validation"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(2048, ge=2)
-    seed: int = 0
+    samples: int = Field(128, ge=1, le=MAX_SAMPLES)
+    seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(1, ge=1)
 
 
