@@ -9,7 +9,7 @@ from typing import Any
 from compress.errors import CompressError
 from compress.model_io import read_json, write_atomic
 from compress.paths import kind, output_folder, regular_file
-from compress.report import COLUMNS, table
+from compress.report import COLUMNS, save_figure, table
 
 _NUMBERS = [key for key, _, fmt in COLUMNS if fmt != "{}"] + ["layers", "bits"]
 
@@ -100,8 +100,7 @@ def _scatter(rows, key: str, label: str, higher_is_better: bool, path: Path) -> 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -121,8 +120,7 @@ def _decode_bars(rows, path: Path) -> bool:
     ax.set_ylabel("decode tokens/s (plain generate)")
     ax.set_title(f"decode speed per stage ({have[0].get('latency_setting', '')})")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

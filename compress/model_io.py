@@ -256,19 +256,23 @@ class DiskFullError(CompressError):
 
 def is_disk_full(err: BaseException) -> bool:
     """A "no space left" error, also as safetensors reports it (SafetensorError "... (os error 28)")."""
-    if isinstance(err, DiskFullError) or isinstance(err, OSError) and err.errno in _DISK_FULL:
+    if isinstance(err, DiskFullError) or (isinstance(err, OSError) and err.errno in _DISK_FULL):
         return True
     text = str(err)
     return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded"))
 
 
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MiB ({n} bytes)"
+
+
 def disk_full_error(folder: Path, what: str, need: int | None) -> DiskFullError:
     """The message for a write that ran out of space: where, how much is free, how much was needed."""
     try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
-    needs = f"; it needs about {need / 2**20:.1f} MiB ({need} bytes)" if need else ""
+    needs = f"; it needs about {_size(need)}" if need else ""
     return DiskFullError(f"disk full: cannot write {what} in {folder} ({free}{needs}); nothing partial was "
                          "left. Free some space there or write to a folder on another disk, then run again")
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.model_io import write_atomic
+from compress.errors import CompressError
+from compress.model_io import disk_full_error, is_disk_full, write_atomic
 
 COLUMNS = [  # (key, header, format)
     ("step", "step", "{}"),
@@ -60,6 +61,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a plot and close it; a full disk or an unwritable place is a CompressError (no partial file)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as e:
+        if path.is_file():
+            path.unlink()
+        if is_disk_full(e):
+            raise disk_full_error(path.parent, path.name, None) from None
+        raise CompressError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_scores(stage: dict[str, Any], path: Path) -> bool:
     """Bar chart of per-layer scores, removed layers highlighted. False if the stage has none."""
     scores = stage.get("details", {}).get("scores")
@@ -80,9 +98,7 @@ def plot_scores(stage: dict[str, Any], path: Path) -> bool:
     ax.set_xticks(range(len(scores)))
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -139,7 +155,6 @@ def provenance_problems(prov: Any) -> list[str]:
 
 def read_provenance(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's compress.json; CompressError naming the file and what is wrong with it."""
-    from compress.errors import CompressError
     from compress.model_io import PROVENANCE, read_json
     from compress.paths import kind, regular_file
 
@@ -194,9 +209,7 @@ def plot_head_heatmap(scores: list[list[float]], path: Path, title: str) -> None
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="importance (higher = keep)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_channel_quantiles(scores: list[list[float]], path: Path, title: str) -> None:
@@ -214,6 +227,4 @@ def plot_channel_quantiles(scores: list[list[float]], path: Path, title: str) ->
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

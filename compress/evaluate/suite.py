@@ -172,7 +172,8 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
     import json
 
     from compress.evaluate.memory import disk_bytes
-    from compress.model_io import load_model, local_model_dir, read_config, resolve_device, resolve_dtype, write_atomic
+    from compress.model_io import (load_model, local_model_dir, read_config, resolve_device, resolve_dtype,
+                                   write_atomic)
     from compress.paths import output_file
 
     local = local_model_dir(model)
