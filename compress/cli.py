@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -11,6 +10,12 @@ from pathlib import Path
 import click
 
 from compress.errors import CompressError
+from compress.limits import MAX_LIMIT, MAX_SAMPLES, MAX_SEED, MAX_SEQ_LEN, MAX_TOKENS
+
+# Bounds of the numbers that reach torch: beyond them it overflows (a traceback) or runs forever.
+SEQ_LEN = click.IntRange(2, MAX_SEQ_LEN)
+TOKENS = click.IntRange(1, MAX_SEQ_LEN)
+SEED = click.IntRange(0, MAX_SEED)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -84,9 +89,9 @@ def validate(recipe: Path) -> None:
 @click.option("--data", "data", help="Local .txt/.jsonl file or folder for calibration text.")
 @click.option("--dataset", help="Hub dataset (pg19 or a hub id) instead of --data.")
 @click.option("--split", default="validation", show_default=True)
-@click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--samples", default=32, show_default=True, type=click.IntRange(1, MAX_SAMPLES))
+@click.option("--seq-len", default=512, show_default=True, type=SEQ_LEN)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for scores.json and the plot.")
@@ -110,14 +115,14 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
 @click.argument("model")
 @click.option("--ppl", "ppl", help="Perplexity text: pg19, a hub dataset id, or a local .txt/.jsonl file or folder.")
 @click.option("--ppl-split", default="test", show_default=True)
-@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
-@click.option("--max-tokens", default=1_000_000, show_default=True, type=click.IntRange(min=2))
+@click.option("--seq-len", default=2048, show_default=True, type=SEQ_LEN)
+@click.option("--max-tokens", default=1_000_000, show_default=True, type=click.IntRange(2, MAX_TOKENS))
 @click.option("--mmlu", "mmlu", help="MMLU: a local folder (CSV layout) or JSONL file, or a hub id (cais/mmlu).")
 @click.option("--shots", default=5, show_default=True, type=click.IntRange(0, 20))
-@click.option("--limit", type=click.IntRange(min=1), help="MMLU questions per subject.")
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), help="MMLU questions per subject.")
 @click.option("--efficiency", is_flag=True, help="Also measure prefill latency and decode tokens/s.")
-@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--prompt-tokens", default=512, show_default=True, type=TOKENS)
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(2, MAX_SEQ_LEN))
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the result row as JSON here.")
@@ -125,28 +130,14 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
 def evaluate(model, ppl, ppl_split, seq_len, max_tokens, mmlu, shots, limit, efficiency, prompt_tokens,
              new_tokens, dtype, device, out) -> None:
     """Evaluate any MODEL (hub id or folder, ours or not): size, perplexity, latency."""
-    from compress.evaluate.suite import EfficiencyConfig, MMLUConfig, PerplexityConfig, evaluate_model
+    from compress.evaluate.suite import EfficiencyConfig, evaluate_model, mmlu_source, perplexity_source
     from compress.report import table
 
-    source = None
-    if ppl is not None:
-        is_path = Path(ppl).exists() or ppl.startswith(("/", "./", "../"))
-        source = PerplexityConfig(path=str(Path(ppl).resolve()) if is_path else None,
-                                  dataset=None if is_path else ppl, split=ppl_split,
-                                  seq_len=seq_len, max_tokens=max_tokens)
-        if is_path and not Path(ppl).exists():
-            raise CompressError(f"--ppl: {ppl} does not exist")
+    source = perplexity_source(ppl, ppl_split, seq_len, max_tokens) if ppl is not None else None
     eff = EfficiencyConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens) if efficiency else None
-    mm = None
-    if mmlu is not None:
-        local = Path(mmlu).exists()
-        mm = MMLUConfig(path=str(Path(mmlu).resolve()) if local else None, dataset=None if local else mmlu,
-                        shots=shots, limit=limit)
-    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, dtype=dtype, device=device)
+    mm = mmlu_source(mmlu, shots, limit) if mmlu is not None else None
+    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, dtype=dtype, device=device, out=out)
     click.echo(table([row]))
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(row, indent=2, default=str))
 
 
 @main.command()
@@ -167,11 +158,9 @@ def compare(runs, out) -> None:
 @user_errors
 def inspect(checkpoint: Path) -> None:
     """Show the provenance of a CHECKPOINT written by compress (compress.json)."""
-    from compress.model_io import PROVENANCE, read_json
-    from compress.report import describe_provenance
+    from compress.report import describe_provenance, read_provenance
 
-    prov = read_json(checkpoint / PROVENANCE, "was it written by `compress run`?")
-    click.echo(describe_provenance(checkpoint, prov))
+    click.echo(describe_provenance(checkpoint, read_provenance(checkpoint)))
 
 if __name__ == "__main__":
     main()

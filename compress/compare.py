@@ -6,16 +6,51 @@ import json
 from pathlib import Path
 from typing import Any
 
+from compress.errors import CompressError
 from compress.model_io import read_json, write_atomic
-from compress.report import table
+from compress.paths import kind, output_folder, regular_file
+from compress.report import COLUMNS, save_figure, table
+
+_NUMBERS = [key for key, _, fmt in COLUMNS if fmt != "{}"] + ["layers", "bits"]
+
+
+def _row_problems(row: Any, index: int) -> list[str]:
+    """What makes a report row unusable for the table and plots (numbers must be numbers)."""
+    if not isinstance(row, dict):
+        return [f"rows[{index}] should be an object, got {type(row).__name__}"]
+    problems = [] if isinstance(row.get("step"), str) else [f"rows[{index}].step should be a string"]
+    for key in _NUMBERS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"rows[{index}].{key} should be a number, got {value!r}")
+    return problems
+
+
+def read_report_rows(run: Path) -> list[dict[str, Any]]:
+    """The rows of ``run``/report.json; CompressError naming the file if it is absent or malformed."""
+    found = kind(run)
+    if found != "a folder":
+        raise CompressError(f"{run}: {'does not exist' if found == 'absent' else f'is {found}'}; "
+                            "give folders written by `compress run`")
+    path = run / "report.json"
+    if kind(path) != "absent":
+        regular_file(path, "report")
+    data = read_json(path, "give folders written by `compress run`")
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise CompressError(f"{path}: not a compress report (expected an object with a non-empty list "
+                            f"'rows', got {type(data).__name__}); rerun `compress run` to rewrite it")
+    problems = [p for i, row in enumerate(rows) for p in _row_problems(row, i)]
+    if problems:
+        raise CompressError(f"{path}: not a compress report: {'; '.join(problems[:5])}")
+    return rows
 
 
 def load_rows(runs: list[Path]) -> list[dict[str, Any]]:
     """Every stage row of every run, tagged ``run/step``."""
     rows = []
     for run in runs:
-        data = read_json(run / "report.json", "give folders written by `compress run`")
-        for row in data["rows"]:
+        for row in read_report_rows(run):
             rows.append({**row, "run": run.name, "step": f"{run.name}/{row['step']}"})
     return rows
 
@@ -65,8 +100,7 @@ def _scatter(rows, key: str, label: str, higher_is_better: bool, path: Path, log
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -86,8 +120,7 @@ def _decode_bars(rows, path: Path) -> bool:
     ax.set_ylabel("decode tokens/s (plain generate)")
     ax.set_title(f"decode speed per stage ({have[0].get('latency_setting', '')})")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -110,6 +143,7 @@ def stage_plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
 def compare_runs(runs: list[Path], out: Path) -> str:
     """Write compare.md and plots to ``out``; return the Markdown table."""
+    output_folder(out, "--out")
     rows = load_rows(runs)
     plots = stage_plots(rows, out)
     md = table(rows)

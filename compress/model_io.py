@@ -8,6 +8,7 @@ model folder is only ever read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -28,12 +29,17 @@ from compress.surgery import LAYOUTS
 log = logging.getLogger("compress")
 PROVENANCE = "compress.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` = cuda if present, else cpu. A device that is absent is a CompressError."""
+    """``auto`` = cuda if present, else cpu. A device that is absent or unknown is a CompressError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d{1,4})?", device):
+        raise CompressError(f"device: {device!r} is not a device compress runs on; allowed: {DEVICES}")
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -241,15 +247,55 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise CompressError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(CompressError):
+    """A write ran out of disk space (nothing partial is left)."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A "no space left" error, also as safetensors reports it (SafetensorError "... (os error 28)")."""
+    if isinstance(err, DiskFullError) or (isinstance(err, OSError) and err.errno in _DISK_FULL):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded"))
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MiB ({n} bytes)"
+
+
+def disk_full_error(folder: Path, what: str, need: int | None) -> DiskFullError:
+    """The message for a write that ran out of space: where, how much is free, how much was needed."""
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    needs = f"; it needs about {_size(need)}" if need else ""
+    return DiskFullError(f"disk full: cannot write {what} in {folder} ({free}{needs}); nothing partial was "
+                         "left. Free some space there or write to a folder on another disk, then run again")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a text file so that readers see the old or the new content, never a partial one.
+    A write that fails leaves no temporary file; disk full or an unwritable place is a CompressError."""
+    data = text.encode("utf-8")
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path.parent, path.name, len(data)) from None
+        raise CompressError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -276,11 +322,23 @@ def _written_by_compress(folder: Path) -> bool:
     return (folder / "run.json").is_file() or (folder / PROVENANCE).is_file() or not any(folder.iterdir())
 
 
-def save_checkpoint(model, tokenizer, final: Path, provenance: dict[str, Any], saver=None) -> Path:
-    """Write a loadable checkpoint to ``final`` atomically (temp sibling folder + rename)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+def _checkpoint_bytes(model) -> int | None:
+    """About what a checkpoint of ``model`` takes on disk: its weights as stored."""
+    from compress.evaluate.memory import weight_bytes
+
     try:
+        return weight_bytes(model)
+    except Exception:  # an estimate for a message only
+        return None
+
+
+def save_checkpoint(model, tokenizer, final: Path, provenance: dict[str, Any], saver=None) -> Path:
+    """Write a loadable checkpoint to ``final`` atomically (temp sibling folder + rename).
+    Disk full is a CompressError naming the folder and the bytes needed; nothing partial is left."""
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
         if saver is not None:
             saver(model, tmp)
         else:
@@ -289,8 +347,11 @@ def save_checkpoint(model, tokenizer, final: Path, provenance: dict[str, Any], s
         write_atomic(tmp / PROVENANCE, json.dumps(provenance, indent=2, default=str))
         crash_point("checkpoint")
         replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(final.parent, f"checkpoint {final.name}", _checkpoint_bytes(model)) from None
         raise
     log.info("checkpoint written: %s", final)
     return final

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.model_io import write_atomic
+from compress.errors import CompressError
+from compress.model_io import disk_full_error, is_disk_full, write_atomic
 
 COLUMNS = [  # (key, header, format)
     ("step", "step", "{}"),
@@ -62,6 +63,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a plot and close it; a full disk or an unwritable place is a CompressError (no partial file)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as e:
+        if path.is_file():
+            path.unlink()
+        if is_disk_full(e):
+            raise disk_full_error(path.parent, path.name, None) from None
+        raise CompressError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_scores(stage: dict[str, Any], path: Path) -> bool:
     """Bar chart of per-layer scores, removed layers highlighted. False if the stage has none."""
     scores = stage.get("details", {}).get("scores")
@@ -82,9 +100,7 @@ def plot_scores(stage: dict[str, Any], path: Path) -> bool:
     ax.set_xticks(range(len(scores)))
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -123,8 +139,49 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     write_atomic(folder / "report.md", markdown(report, plots))
 
 
+_PROVENANCE_KEYS = {"stage": str, "recipe_path": str, "source": dict, "original_num_layers": int,
+                    "kept_layers": list, "removed_layers": list, "stages": list, "versions": dict}
+
+
+def provenance_problems(prov: Any) -> list[str]:
+    """Why ``prov`` is not a compress.json that `compress inspect` can show ([] if it is)."""
+    if not isinstance(prov, dict):
+        return [f"expected a JSON object, got {type(prov).__name__}"]
+    problems = []
+    for key, typ in _PROVENANCE_KEYS.items():
+        if key not in prov:
+            problems.append(f"missing key {key!r}")
+        elif not isinstance(prov[key], typ) or isinstance(prov[key], bool):
+            problems.append(f"{key!r} should be {typ.__name__}, got {type(prov[key]).__name__}")
+    for i, st in enumerate(prov["stages"] if isinstance(prov.get("stages"), list) else []):
+        if not isinstance(st, dict) or not all(isinstance(st.get(k), str) for k in ("name", "summary")):
+            problems.append(f"stages[{i}] should be an object with string 'name' and 'summary'")
+    return problems
+
+
+def read_provenance(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's compress.json; CompressError naming the file and what is wrong with it."""
+    from compress.model_io import PROVENANCE, read_json
+    from compress.paths import kind, regular_file
+
+    found = kind(checkpoint)
+    if found != "a folder":
+        why = "the folder does not exist" if found == "absent" else f"{checkpoint} is {found}, not a folder"
+        raise CompressError(f"{checkpoint}: no {PROVENANCE}; {why} (give a checkpoint folder written by "
+                            "`compress run`)")
+    path = checkpoint / PROVENANCE
+    if kind(path) != "absent":
+        regular_file(path, PROVENANCE)
+    prov = read_json(path, "was it written by `compress run`?")
+    problems = provenance_problems(prov)
+    if problems:
+        raise CompressError(f"{path}: not a compress provenance file ({'; '.join(problems)}); "
+                            "it is written by `compress run` with each saved checkpoint")
+    return prov
+
+
 def describe_provenance(checkpoint: Path, prov: dict[str, Any]) -> str:
-    """`compress inspect`: what a checkpoint is, from its compress.json."""
+    """`compress inspect`: what a checkpoint is, from its compress.json (checked by read_provenance)."""
     source = prov["source"]
     lines = [f"checkpoint {checkpoint}: stage {prov['stage']} of recipe {prov['recipe_path']}",
              f"source: {source.get('model')} (revision {source.get('revision') or source.get('commit')}, "
@@ -158,9 +215,7 @@ def plot_head_heatmap(scores: list[list[float]], path: Path, title: str) -> None
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="importance (higher = keep)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_channel_quantiles(scores: list[list[float]], path: Path, title: str) -> None:
@@ -178,6 +233,4 @@ def plot_channel_quantiles(scores: list[list[float]], path: Path, title: str) ->
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

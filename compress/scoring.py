@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
+from compress.data.local import text_files
 from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.importance import DESCRIPTIONS, METRICS, lowest, metric_needs_calibration, score_layers
 from compress.model_io import (check_fits, load_model, local_model_dir, model_facts, read_config, resolve_device,
                                resolve_dtype, write_atomic)
+from compress.paths import output_folder
 from compress.report import plot_scores
 
 log = logging.getLogger("compress")
@@ -77,14 +79,18 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
     if metric in UNIT_METRICS or metric_needs_calibration(metric):
         if (data is None) == (dataset is None):
             raise CompressError("give exactly one of --data (local text) or --dataset (pg19 or a hub id)")
-        if data is not None and not Path(data).exists():
-            raise CompressError(f"--data: {data} does not exist")
+        if data is not None:
+            if not Path(data).exists():
+                raise CompressError(f"--data: {data} does not exist")
+            text_files(Path(data))  # a FIFO, a device or an empty file: refused before the model loads
         source = TextSource(path=data, dataset=dataset, split=split)
     local = local_model_dir(model)
     model = str(local) if local else model
+    run_on = resolve_device(device)
+    if out is not None:
+        output_folder(out, "--out", [local] if local else [])
     config = read_config(model)
     model_facts(config)
-    run_on = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config)
     if layerwise is None:  # auto: layer by layer when the weights do not fit the device
         try:
@@ -100,7 +106,7 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
     if source is not None:
         need = samples * seq_len * 4
         tokens = tokenize_documents(tokenizer, load_texts(source, need * 12), max_tokens=need)
-        batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1)
+        batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1, source=source_label(source))
     if metric in UNIT_METRICS:
         return unit_scores(net, metric, batches, model, out)
     scores = score_layers(net, metric, batches, layerwise_on=run_on if layerwise else None)

@@ -127,6 +127,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if any model weights load. The modules that bind ``load_model`` by name are
+    imported first, so that the patch replaces their binding instead of being captured by it."""
+    import compress.model_io
+    import compress.pipeline
+    import compress.scoring  # noqa: F401
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded although the input was bad")
+    for where in ("compress.model_io", "compress.pipeline", "compress.scoring"):
+        monkeypatch.setattr(f"{where}.load_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+
+
 def crash_perplexity_at(monkeypatch, n: int) -> None:
     """Make the n-th perplexity evaluation of a run raise (a crash between steps); undo with
     ``monkeypatch.setattr(suite, "perplexity", REAL_PERPLEXITY)``."""

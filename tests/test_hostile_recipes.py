@@ -15,19 +15,15 @@ from click.testing import CliRunner
 
 from compress import recipe_text
 from compress.cli import main
-from compress.data.sources import MAX_COUNT, MAX_SEED
+from compress.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEED, MAX_SEQ_LEN, MAX_TOKENS
 from compress.data.tokens import calibration_batches
 from compress.errors import CompressError
 from compress.recipe import load_recipe
 
 
 @pytest.fixture(autouse=True)
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded for a bad recipe")
-    monkeypatch.setattr("compress.model_io.load_model", refuse)
-    monkeypatch.setattr("compress.pipeline.load_model", refuse)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+def _no_model_load(no_model_load):
+    """Every test here: a bad recipe must fail before any model loads."""
 
 
 @pytest.fixture
@@ -182,12 +178,12 @@ def test_seed_written_1e23_is_a_string_and_says_so(tmp_path, head):
     assert "calibration.seed: Input should be a valid integer (got '1e23')" in message
 
 
-@pytest.mark.parametrize("key, where", [
-    ("samples", "calibration"), ("seq_len", "calibration"), ("batch_size", "calibration"),
-    ("prompt_tokens", "evaluate.efficiency"), ("new_tokens", "evaluate.efficiency"),
-    ("batch_size", "evaluate.efficiency"),
+@pytest.mark.parametrize("key, where, bound", [
+    ("samples", "calibration", MAX_SAMPLES), ("seq_len", "calibration", MAX_SEQ_LEN),
+    ("batch_size", "calibration", MAX_COUNT), ("prompt_tokens", "evaluate.efficiency", MAX_SEQ_LEN),
+    ("new_tokens", "evaluate.efficiency", MAX_SEQ_LEN), ("batch_size", "evaluate.efficiency", MAX_COUNT),
 ])
-def test_counts_that_become_tensor_sizes_are_bounded(tmp_path, tiny_model_dir, text_file, key, where):
+def test_counts_that_become_tensor_sizes_are_bounded(tmp_path, tiny_model_dir, text_file, key, where, bound):
     with pytest.raises((RuntimeError, TypeError, ValueError)):  # what torch does with such a size
         torch.randint(0, 5, (10**20,))
     huge = 10**20
@@ -198,14 +194,14 @@ def test_counts_that_become_tensor_sizes_are_bounded(tmp_path, tiny_model_dir, t
         "evaluate", {}).setdefault("efficiency", {})
     section[key] = huge
     message = error_of(write(tmp_path, yaml.safe_dump(recipe)))
-    assert f"{where}.{key}: Input should be less than or equal to {MAX_COUNT} (got {huge})" in message
-    section[key] = MAX_COUNT
+    assert f"{where}.{key}: Input should be less than or equal to {bound} (got {huge})" in message
+    section[key] = bound
     assert load_recipe(write(tmp_path, yaml.safe_dump(recipe))).path == tmp_path / "r.yaml"
 
 
 def test_large_values_that_cannot_overflow_stay_allowed(tmp_path, head, text_file):
-    body = head + f"evaluate: {{perplexity: {{path: {text_file}, max_tokens: 100000000000000000000}}}}\n"
-    assert load_recipe(write(tmp_path, body)).evaluate.perplexity.max_tokens == 10**20
+    body = head + f"evaluate: {{perplexity: {{path: {text_file}, max_tokens: {MAX_TOKENS}}}}}\n"
+    assert load_recipe(write(tmp_path, body)).evaluate.perplexity.max_tokens == MAX_TOKENS == 2**40
 
 
 def test_integer_of_5000_digits_is_one_message(tmp_path, head):

@@ -107,15 +107,6 @@ def apply(recipe: dict, mutations) -> dict:
     return recipe
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded for a bad recipe")
-    monkeypatch.setattr("compress.model_io.load_model", refuse)
-    monkeypatch.setattr("compress.pipeline.load_model", refuse)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
-
-
 FUZZED: set[str] = set()
 
 

@@ -8,9 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from compress.data.local import load_local_texts
 from compress.data.pg19 import LABELS, load_hub_texts
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1 (larger: OverflowError)
-MAX_COUNT = 2**31 - 1  # counts that become tensor sizes; at 2**62 and beyond torch's int64 sizes overflow
+from compress.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEED, MAX_SEQ_LEN
 
 
 class TextSource(BaseModel):
@@ -35,8 +33,8 @@ class CalibrationConfig(TextSource):
     """Calibration windows: ``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
 
     split: str = "validation"
-    samples: int = Field(128, ge=1, le=MAX_COUNT)
-    seq_len: int = Field(2048, ge=2, le=MAX_COUNT)
+    samples: int = Field(128, ge=1, le=MAX_SAMPLES)
+    seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN)
     seed: int = 0
     batch_size: int = Field(1, ge=1, le=MAX_COUNT)
 

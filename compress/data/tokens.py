@@ -28,13 +28,14 @@ def tokenize_documents(tokenizer, texts: list[str], max_tokens: int | None = Non
 
 
 def calibration_batches(tokens: torch.Tensor, samples: int, seq_len: int, seed: int,
-                        batch_size: int) -> list[dict[str, torch.Tensor]]:
+                        batch_size: int, source: str = "") -> list[dict[str, torch.Tensor]]:
     """``samples`` windows of ``seq_len`` tokens at seeded random offsets (as GPTQ's and
-    ShortGPT's reference code draw calibration windows), grouped into batches. No padding."""
+    ShortGPT's reference code draw calibration windows), grouped into batches. No padding.
+    ``source`` names the text in the error when there is too little of it."""
     if tokens.numel() <= seq_len:
         raise CompressError(
-            f"calibration text has {tokens.numel()} tokens, fewer than seq_len={seq_len}+1: "
-            "give more text or a smaller seq_len"
+            f"calibration text{f' {source}' if source else ''} has {tokens.numel()} tokens, "
+            f"fewer than seq_len={seq_len}+1: give more text or a smaller seq_len"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (samples,), generator=gen).tolist()

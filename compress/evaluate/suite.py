@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.data.sources import MAX_COUNT, TextSource, load_texts, source_label
+from compress.data.local import text_files
+from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import tokenize_documents
+from compress.errors import CompressError
+from compress.limits import MAX_COUNT, MAX_LIMIT, MAX_SEQ_LEN, MAX_TOKENS
 from compress.evaluate.latency import bandwidth_floor_share, copy_bandwidth, measure_latency
 from compress.evaluate.memory import PeakMemory, parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
@@ -19,9 +23,9 @@ log = logging.getLogger("compress")
 
 
 class PerplexityConfig(TextSource):
-    seq_len: int = Field(2048, ge=2)
+    seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN)
     stride: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(1_000_000, ge=2)
+    max_tokens: int | None = Field(1_000_000, ge=2, le=MAX_TOKENS)
     batch_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -42,8 +46,8 @@ class FidelityConfig(BaseModel):
 class EfficiencyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt_tokens: int = Field(512, ge=1, le=MAX_COUNT)  # tensor sizes: bounded so they cannot overflow
-    new_tokens: int = Field(128, ge=2, le=MAX_COUNT)
+    prompt_tokens: int = Field(512, ge=1, le=MAX_SEQ_LEN)  # tensor sizes: bounded so they cannot overflow
+    new_tokens: int = Field(128, ge=2, le=MAX_SEQ_LEN)
     batch_size: int = Field(1, ge=1, le=MAX_COUNT)
     repeats: int = Field(5, ge=1)
     fast_path: bool = True  # also time decoding with a static KV cache
@@ -69,7 +73,7 @@ class MMLUConfig(BaseModel):
     dataset: str | None = None
     path: str | None = None
     shots: int = Field(5, ge=0, le=20)
-    limit: int | None = Field(None, ge=1)  # questions per subject
+    limit: int | None = Field(None, ge=1, le=MAX_LIMIT)  # questions per subject
     subjects: list[str] | None = None
     batch_size: int = Field(8, ge=1)
 
@@ -108,9 +112,29 @@ def size_metrics(model) -> dict[str, Any]:
             "weight_bytes": stored, "bits_per_param": 8 * stored / params}
 
 
+def perplexity_source(ppl: str, split: str, seq_len: int, max_tokens: int) -> PerplexityConfig:
+    """`compress eval --ppl`: a local file or folder if ``ppl`` exists or looks like a path, else a
+    hub dataset id (pg19 or owner/name)."""
+    is_path = Path(ppl).exists() or ppl.startswith(("/", "./", "../", "~"))
+    if is_path and not Path(ppl).expanduser().exists():
+        raise CompressError(f"--ppl: {ppl} does not exist")
+    return PerplexityConfig(path=str(Path(ppl).expanduser().resolve()) if is_path else None,
+                            dataset=None if is_path else ppl, split=split, seq_len=seq_len, max_tokens=max_tokens)
+
+
+def mmlu_source(mmlu: str, shots: int, limit: int | None) -> MMLUConfig:
+    """`compress eval --mmlu`: a local folder or JSONL file if it exists, else a hub id."""
+    local = Path(mmlu).expanduser().exists()
+    return MMLUConfig(path=str(Path(mmlu).expanduser().resolve()) if local else None,
+                      dataset=None if local else mmlu, shots=shots, limit=limit)
+
+
 def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
     max_chars = cfg.max_tokens * 12 if cfg.max_tokens else None
     tokens = tokenize_documents(tokenizer, load_texts(cfg, max_chars), cfg.max_tokens)
+    if tokens.numel() < 2:
+        raise CompressError(f"perplexity needs at least 2 tokens, but {cfg.path or cfg.dataset} gives "
+                            f"{tokens.numel()}: give more text")
     log.info("perplexity data: %d tokens of %s", tokens.numel(), source_label(cfg))
     return tokens
 
@@ -150,17 +174,24 @@ def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
 
 def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: EfficiencyConfig | None,
                    mmlu: MMLUConfig | None = None, dtype: str = "auto", device: str = "auto",
-                   progress: bool = True) -> dict[str, Any]:
-    """`compress eval`: size, perplexity and latency of any model (ours or not)."""
-    from pathlib import Path
+                   progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+    """`compress eval`: size, perplexity and latency of any model (ours or not); with ``out`` the row
+    is also written there as JSON. Paths and the device are checked before the model loads."""
+    import json
 
     from compress.evaluate.memory import disk_bytes
-    from compress.model_io import load_model, local_model_dir, read_config, resolve_device, resolve_dtype
+    from compress.model_io import (load_model, local_model_dir, read_config, resolve_device, resolve_dtype,
+                                   write_atomic)
+    from compress.paths import output_file
 
     local = local_model_dir(model)
     name = str(local) if local else model
-    config = read_config(name)
     dev = resolve_device(device)
+    if out is not None:
+        output_file(out, "--out", [local] if local else [])
+    if ppl is not None and ppl.path is not None:
+        text_files(Path(ppl.path))
+    config = read_config(name)
     net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev)
     row: dict[str, Any] = {"step": Path(name).name, "model": name, **size_metrics(net)}
     if local:
@@ -171,4 +202,6 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
         row.update(mmlu_metrics(net, tokenizer, mmlu_questions(mmlu), mmlu, progress))
     if efficiency is not None:
         row.update(efficiency_metrics(net, efficiency))
+    if out is not None:
+        write_atomic(out, json.dumps(row, indent=2, default=str))
     return row
