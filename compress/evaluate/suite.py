@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import tokenize_documents
+from compress.errors import CompressError
 from compress.evaluate.latency import bandwidth_floor_share, copy_bandwidth, measure_latency
 from compress.evaluate.memory import PeakMemory, parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
@@ -142,18 +143,28 @@ def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
 
 def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: EfficiencyConfig | None,
                    mmlu: MMLUConfig | None = None, dtype: str = "auto", device: str = "auto",
-                   progress: bool = True) -> dict[str, Any]:
-    """`compress eval`: size, perplexity and latency of any model (ours or not)."""
+                   progress: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+    """`compress eval`: size, perplexity and latency of any model (ours or not). ``allow_pickle``:
+    also read .bin weights (``--allow-pickle-weights``)."""
     from pathlib import Path
 
     from compress.evaluate.memory import disk_bytes
-    from compress.model_io import load_model, local_model_dir, read_config, resolve_device, resolve_dtype
+    from compress.model_checks import positions_problem
+    from compress.model_io import (PICKLE_FLAG_HINT, load_model, local_model_dir, read_config, resolve_device,
+                                   resolve_dtype)
 
     local = local_model_dir(model)
     name = str(local) if local else model
     config = read_config(name)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    problems = [positions_problem("--seq-len", ppl.seq_len, max_positions) if ppl else None,
+                positions_problem("--prompt-tokens + --new-tokens", efficiency.prompt_tokens + efficiency.new_tokens,
+                                  max_positions) if efficiency else None]
+    if any(problems):
+        raise CompressError(f"model {name!r}: " + "; ".join(p for p in problems if p))
     dev = resolve_device(device)
-    net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev)
+    net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev,
+                                allow_pickle=allow_pickle, pickle_hint=PICKLE_FLAG_HINT)
     row: dict[str, Any] = {"step": Path(name).name, "model": name, **size_metrics(net)}
     if local:
         row["disk_bytes"] = disk_bytes(local)
