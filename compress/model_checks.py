@@ -129,3 +129,16 @@ def memory_problem(key: str, samples: int, seq_len: int, hidden_size: int | None
     return (f"{key}: {samples} samples x {seq_len} tokens need about {need / 2**30:.1f} GiB "
             f"(token ids + a float32 hidden state of {hidden_size or 0} values per token), but "
             f"{available / 2**30:.1f} GiB of memory is available; lower samples or seq_len")
+
+
+def layer_count_problem(tensor_names, num_layers: int) -> str | None:
+    """config.json's num_hidden_layers against the decoder layers the checkpoint's tensors name
+    (``...layers.<i>....``); None when they agree or the names hold no layer index."""
+    held = sorted({int(m.group(1)) for name in tensor_names if (m := _LAYER.search(f".{name}"))})
+    if not held or held == list(range(num_layers)):
+        return None
+    if held != list(range(len(held))):
+        return (f"config.json says num_hidden_layers: {num_layers}, but the weights hold layers {held}; "
+                f"layer indices must run 0..{num_layers - 1} (is the checkpoint incomplete?)")
+    return (f"config.json says num_hidden_layers: {num_layers}, but the weights hold layers 0..{held[-1]} "
+            f"({len(held)} layers); set num_hidden_layers: {len(held)} if these weights are the model")

@@ -23,7 +23,7 @@ import torch
 from compress.errors import CompressError
 from compress.evaluate.memory import proc_kib_field
 from compress.faults import crash_point
-from compress.model_checks import config_problems, loading_problems
+from compress.model_checks import config_problems, layer_count_problem, loading_problems
 from compress.stages.base import ModelFacts
 from compress.surgery import LAYOUTS
 
@@ -68,6 +68,7 @@ def read_config(model: str, revision: str | None = None, trust_remote_code: bool
         raw, _ = PretrainedConfig.get_config_dict(model, revision=revision)
         if raw.get("model_type") in LAYOUTS:
             check_raw_config(model, raw)
+            check_layer_count(model, raw["num_hidden_layers"])
         return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise CompressError(f"model {model!r}: cannot read its config ({str(e).splitlines()[0]})") from None
@@ -81,11 +82,40 @@ def check_raw_config(model: str, raw: dict[str, Any]) -> None:
     """CompressError listing every problem with config.json's shape keys."""
     from transformers import CONFIG_MAPPING
 
-    cls = CONFIG_MAPPING[raw["model_type"]]
+    cls = CONFIG_MAPPING[raw["model_type"]] if raw["model_type"] in CONFIG_MAPPING else None
     problems = config_problems(raw, getattr(cls, "attribute_map", None))
     if problems:
         raise CompressError(f"model {model!r}: config.json: " + "; ".join(problems)
                             + "; fix config.json (is it the config of these weights?)")
+
+
+def checkpoint_tensor_names(folder: Path) -> list[str]:
+    """Names of the tensors in a local folder's safetensors files (headers only; [] if none)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return list(read_json(index, "").get("weight_map", {}))
+    names: list[str] = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:
+                names.extend(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CompressError(f"model {str(folder)!r}: cannot load its weights ({path.name}: "
+                                f"{str(e).splitlines()[0]}); is the file complete?") from None
+    return names
+
+
+def check_layer_count(model: str, num_layers: int) -> None:
+    """For a local folder: CompressError before loading if config.json's layer count is not the
+    number of layers its weights hold (transformers would fill the rest with random values)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return
+    problem = layer_count_problem(checkpoint_tensor_names(folder), num_layers)
+    if problem:
+        raise CompressError(f"model {model!r}: {problem}")
 
 
 def model_facts(config) -> ModelFacts:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 import compress.model_io as model_io
 from compress.cli import main
 from compress.errors import CompressError
-from compress.model_checks import calibration_bytes, config_problems, listed, loading_problems
+from compress.model_checks import (calibration_bytes, config_problems, layer_count_problem, listed,
+                                   loading_problems)
 from compress.model_io import load_model, model_facts, read_config
 from compress.recipe import check_against_model, load_recipe
 from conftest import ARCHS, tiny_model
@@ -158,6 +159,26 @@ def test_tied_embeddings_are_not_missing(tmp_path, tiny_tokenizer):
     assert net.lm_head.weight.data_ptr() == net.model.embed_tokens.weight.data_ptr()
 
 
+def test_layer_count_of_the_weights_is_checked_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    refuse_weights(monkeypatch)
+    fewer = hostile(tiny_model_dir, tmp_path / "fewer", config=lambda c: c.update(num_hidden_layers=3))
+    with pytest.raises(CompressError) as e:
+        read_config(str(fewer))
+    assert str(e.value) == (f"model {str(fewer)!r}: config.json says num_hidden_layers: 3, but the weights hold "
+                            "layers 0..4 (5 layers); set num_hidden_layers: 5 if these weights are the model")
+    assert model_facts(read_config(str(tiny_model_dir))).num_layers == 5
+
+
+def test_layer_count_problem():
+    names = ["model.embed_tokens.weight", *(f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1, 3))]
+    assert layer_count_problem(names, 3) == (
+        "config.json says num_hidden_layers: 3, but the weights hold layers [0, 1, 3]; "
+        "layer indices must run 0..2 (is the checkpoint incomplete?)")
+    assert layer_count_problem(names[:3], 2) is None
+    assert layer_count_problem(["gpt_neox.layers.0.attention.dense.weight"], 1) is None
+    assert layer_count_problem(["lm_head.weight"], 7) is None  # no layer names: nothing to compare
+
+
 def test_loading_problems_and_listing():
     assert loading_problems({"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
                              "error_msgs": []}, 4) is None
@@ -197,7 +218,8 @@ def commands(folder: Path, text: Path, tmp_path: Path) -> dict[str, list[str]]:
     ("heads_3", "num_attention_heads (3) must divide hidden_size (64)", ["run", "validate", "score", "eval"]),
     ("wrong_shape", "model.layers.1.mlp.up_proj.weight is [100, 64] in the checkpoint",
      ["run", "score", "eval"]),  # validate reads no weights
-    ("config_100_layers", "set num_hidden_layers: 5.", ["run", "score", "eval"]),
+    ("config_100_layers", "config.json says num_hidden_layers: 100, but the weights hold layers 0..4 (5 layers); "
+     "set num_hidden_layers: 5 if these weights are the model", ["run", "validate", "score", "eval"]),
 ])
 def test_each_command_reports_a_hostile_model_in_one_message(case, expected, which, tiny_model_dir,
                                                              text_file, tmp_path):
