@@ -218,7 +218,7 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
         )
     except (OSError, ValueError, SafetensorError, ImportError) as e:
         raise _weights_error(model, e, allow_pickle, pickle_hint) from None
-    check_loading_info(model, info, net.config.num_hidden_layers)
+    check_loading_info(model, info, getattr(net.config, "num_hidden_layers", 0))
     return (net if device_map is not None else net.to(device)).eval(), tokenizer
 
 
@@ -227,7 +227,7 @@ def load_quantized(folder: Path, device) -> Any:
     from transformers import AutoModelForCausalLM
 
     net, info = AutoModelForCausalLM.from_pretrained(folder, device_map=str(device), output_loading_info=True)
-    check_loading_info(str(folder), info, net.config.num_hidden_layers)
+    check_loading_info(str(folder), info, getattr(net.config, "num_hidden_layers", 0))
     return net.eval()
 
 
