@@ -98,14 +98,17 @@ def validate(recipe: Path) -> None:
 @click.option("--layerwise/--full", default=None,
               help="Keep weights on the CPU and run one layer at a time on --device "
                    "(default: only when the weights do not fit the device).")
+@click.option("--allow-pickle-weights", is_flag=True,
+              help="Also read pickle (.bin) weights, with torch.load(weights_only=True); default: safetensors only.")
 @user_errors
-def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out, layerwise) -> None:
+def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out, layerwise,
+          allow_pickle_weights) -> None:
     """Score every decoder layer of MODEL (no changes); prints a table, writes a plot."""
     from compress.scoring import score_model
 
     result = score_model(model, metric=metric, data=data, dataset=dataset, split=split,
                          samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out,
-                         layerwise=layerwise)
+                         layerwise=layerwise, allow_pickle=allow_pickle_weights)
     click.echo(result if isinstance(result, str) else result.table())
     if out:
         click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")
@@ -126,9 +129,11 @@ def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, de
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write the result row as JSON here.")
+@click.option("--allow-pickle-weights", is_flag=True,
+              help="Also read pickle (.bin) weights, with torch.load(weights_only=True); default: safetensors only.")
 @user_errors
 def evaluate(model, ppl, ppl_split, seq_len, max_tokens, mmlu, shots, limit, efficiency, prompt_tokens,
-             new_tokens, dtype, device, out) -> None:
+             new_tokens, dtype, device, out, allow_pickle_weights) -> None:
     """Evaluate any MODEL (hub id or folder, ours or not): size, perplexity, latency."""
     from compress.evaluate.suite import EfficiencyConfig, evaluate_model, mmlu_source, perplexity_source
     from compress.report import table
@@ -136,7 +141,8 @@ def evaluate(model, ppl, ppl_split, seq_len, max_tokens, mmlu, shots, limit, eff
     source = perplexity_source(ppl, ppl_split, seq_len, max_tokens) if ppl is not None else None
     eff = EfficiencyConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens) if efficiency else None
     mm = mmlu_source(mmlu, shots, limit) if mmlu is not None else None
-    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, dtype=dtype, device=device, out=out)
+    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, dtype=dtype, device=device, out=out,
+                         allow_pickle=allow_pickle_weights)
     click.echo(table([row]))
 
 

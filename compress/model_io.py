@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from compress.errors import CompressError
 from compress.evaluate.memory import proc_kib_field
 from compress.faults import crash_point
+from compress.model_checks import config_problems, layer_count_problem, loading_problems
 from compress.stages.base import ModelFacts
 from compress.surgery import LAYOUTS
 
@@ -63,13 +65,63 @@ def resolve_dtype(dtype: str, config) -> torch.dtype:
 
 
 def read_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's config (config.json only: no weights are read)."""
-    from transformers import AutoConfig
+    """The model's config (config.json only: no weights are read). CompressError naming the key
+    when a shape key is missing or malformed (transformers would use a default or raise deep inside)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, PretrainedConfig
 
     try:
+        raw, _ = PretrainedConfig.get_config_dict(model, revision=revision)
+        if raw.get("model_type") in LAYOUTS:
+            check_raw_config(model, raw)
+            check_layer_count(model, raw["num_hidden_layers"])
         return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise CompressError(f"model {model!r}: cannot read its config ({str(e).splitlines()[0]})") from None
+    except (StrictDataclassError, TypeError) as e:
+        detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        detail = re.sub(r"^\w+Error: ", "", detail)
+        raise CompressError(f"model {model!r}: config.json is not valid: {detail}; fix config.json") from None
+
+
+def check_raw_config(model: str, raw: dict[str, Any]) -> None:
+    """CompressError listing every problem with config.json's shape keys."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[raw["model_type"]] if raw["model_type"] in CONFIG_MAPPING else None
+    problems = config_problems(raw, getattr(cls, "attribute_map", None))
+    if problems:
+        raise CompressError(f"model {model!r}: config.json: " + "; ".join(problems)
+                            + "; fix config.json (is it the config of these weights?)")
+
+
+def checkpoint_tensor_names(folder: Path) -> list[str]:
+    """Names of the tensors in a local folder's safetensors files (headers only; [] if none)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return list(read_json(index, "").get("weight_map", {}))
+    names: list[str] = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:
+                names.extend(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CompressError(f"model {str(folder)!r}: cannot load its weights ({path.name}: "
+                                f"{str(e).splitlines()[0]}); is the file complete?") from None
+    return names
+
+
+def check_layer_count(model: str, num_layers: int) -> None:
+    """For a local folder: CompressError before loading if config.json's layer count is not the
+    number of layers its weights hold (transformers would fill the rest with random values)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return
+    problem = layer_count_problem(checkpoint_tensor_names(folder), num_layers)
+    if problem:
+        raise CompressError(f"model {model!r}: {problem}")
 
 
 def model_facts(config) -> ModelFacts:
@@ -85,6 +137,7 @@ def model_facts(config) -> ModelFacts:
         intermediate_size=getattr(config, "intermediate_size", None),
         quantized=getattr(config, "quantization_config", None) is not None,
         hidden_size=getattr(config, "hidden_size", None),
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
     )
 
 
@@ -125,20 +178,34 @@ def local_model_dir(model: str, base: Path | None = None) -> Path | None:
     return path
 
 
-def _weights_error(model: str, err: Exception, allow_pickle: bool) -> CompressError:
+RECIPE_PICKLE_HINT = "set `allow_pickle_weights: true` in the recipe"
+PICKLE_FLAG_HINT = "pass --allow-pickle-weights"  # compress score / compress eval
+
+
+def _weights_error(model: str, err: Exception, allow_pickle: bool, pickle_hint: str) -> CompressError:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     hint = ""
     if not allow_pickle and "model.safetensors" in text:
         hint = (" Only safetensors weights are read by default; to load pickle (.bin) weights with "
-                "torch.load(weights_only=True), set `allow_pickle_weights: true` in the recipe.")
+                f"torch.load(weights_only=True), {pickle_hint}.")
     return CompressError(f"model {model!r}: cannot load its weights ({text}).{hint}")
+
+
+def check_loading_info(model: str, info: dict[str, Any], num_layers: int) -> None:
+    """CompressError if loading left any tensor random, unused or reshaped (transformers only warns)."""
+    problems = loading_problems(info, num_layers)
+    if problems:
+        raise CompressError(f"model {model!r}: the weights do not match config.json: {problems} "
+                            "Fix config.json or the weights (are they from the same model?)")
 
 
 def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
                trust_remote_code: bool = False, device_map: str | dict | None = None,
-               allow_pickle: bool = False, max_memory: dict | None = None):
+               allow_pickle: bool = False, max_memory: dict | None = None,
+               pickle_hint: str = RECIPE_PICKLE_HINT):
     """(model, tokenizer) from a hub id or local folder; safetensors weights only unless
-    ``allow_pickle``. With a ``device_map`` accelerate places the weights."""
+    ``allow_pickle`` (``pickle_hint`` says how the caller turns that on). With a ``device_map``
+    accelerate places the weights. A tensor missing, unexpected or of another shape is an error."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,13 +216,15 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
     except (OSError, ValueError, TypeError) as e:
         raise CompressError(f"model {model!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     try:
-        net = AutoModelForCausalLM.from_pretrained(
+        net, info = AutoModelForCausalLM.from_pretrained(
             model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True, device_map=device_map,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches reported below
             **({"max_memory": max_memory} if max_memory else {}),
         )
     except (OSError, ValueError, SafetensorError, ImportError) as e:
-        raise _weights_error(model, e, allow_pickle) from None
+        raise _weights_error(model, e, allow_pickle, pickle_hint) from None
+    check_loading_info(model, info, getattr(net.config, "num_hidden_layers", 0))
     return (net if device_map is not None else net.to(device)).eval(), tokenizer
 
 
@@ -163,7 +232,9 @@ def load_quantized(folder: Path, device) -> Any:
     """A quantized checkpoint (its config's quantization_config says how), placed on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=str(device)).eval()
+    net, info = AutoModelForCausalLM.from_pretrained(folder, device_map=str(device), output_loading_info=True)
+    check_loading_info(str(folder), info, getattr(net.config, "num_hidden_layers", 0))
+    return net.eval()
 
 
 def estimated_weight_bytes(config, dtype: torch.dtype) -> int:
@@ -190,8 +261,6 @@ def parse_size(value: str | int) -> int | None:
     """Bytes of a size such as 70GiB, 500MB or 1024 (accelerate's max_memory notation); None if bad."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value if value > 0 else None
-    import re
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS:
         return None

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, FidelityConfig, MMLUConfig, PerplexityConfig
+import compress.model_io as model_io
+from compress.model_checks import memory_problem, positions_problem
 from compress.model_io import local_model_dir, parse_size
 from compress.recipe_text import expand, read_yaml
 from compress.run_folder import output_conflicts
@@ -344,6 +347,31 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     )
 
 
+def _calibrations(recipe: Recipe) -> list[tuple[str, CalibrationConfig]]:
+    """Every calibration set of the recipe, with its key: the top-level one and the stages' own."""
+    found = [("calibration", recipe.calibration)] if recipe.calibration is not None else []
+    for i, spec in enumerate(recipe.stages):
+        own = getattr(spec.config, "calibration", None)
+        if isinstance(own, CalibrationConfig):
+            found.append((f"stages[{i}].{spec.kind}.calibration", own))
+    return found
+
+
+def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
+    """Sequences longer than the model's positions; calibration sets larger than the memory."""
+    lengths = [(f"{key}.seq_len", cal.seq_len) for key, cal in _calibrations(recipe)]
+    if recipe.evaluate.perplexity is not None:
+        lengths.append(("evaluate.perplexity.seq_len", recipe.evaluate.perplexity.seq_len))
+    if recipe.evaluate.efficiency is not None:
+        eff = recipe.evaluate.efficiency
+        lengths.append(("evaluate.efficiency.prompt_tokens + new_tokens", eff.prompt_tokens + eff.new_tokens))
+    problems = [positions_problem(key, n, facts.max_position_embeddings) for key, n in lengths]
+    available = model_io.available_bytes(torch.device("cpu"))
+    problems += [memory_problem(f"{key}.samples", cal.samples, cal.seq_len, facts.hidden_size, available)
+                 for key, cal in _calibrations(recipe)]
+    return [p for p in problems if p]
+
+
 def check_against_model(recipe: Recipe, facts: ModelFacts) -> None:
     """Checks that need the model's shape (from its config, before weights load)."""
     errors: list[str] = []
@@ -353,6 +381,7 @@ def check_against_model(recipe: Recipe, facts: ModelFacts) -> None:
         errors.extend(f"stages[{i}].{spec.kind}.{msg}" for msg in stage.check(
             ModelFacts(**{**facts.__dict__, "num_layers": layers})))
         layers -= getattr(stage, "layers_removed", lambda n: 0)(layers)
+    errors.extend(_sequence_problems(recipe, facts))
     if errors:
         listed = "\n".join(f"  - {m}" for m in errors)
         raise CompressError(f"{recipe.path}: recipe does not fit model {recipe.model} "

@@ -14,7 +14,9 @@ from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
 from compress.importance import DESCRIPTIONS, METRICS, lowest, metric_needs_calibration, score_layers
-from compress.model_io import (check_fits, load_model, local_model_dir, model_facts, read_config, resolve_device,
+import compress.model_io as model_io
+from compress.model_checks import memory_problem, positions_problem
+from compress.model_io import (PICKLE_FLAG_HINT, check_fits, load_model, local_model_dir, model_facts, read_config, resolve_device,
                                resolve_dtype, write_atomic)
 from compress.paths import output_folder
 from compress.report import plot_scores
@@ -68,11 +70,24 @@ def unit_scores(net, metric: str, batches, model: str, out: Path | None) -> str:
     return f"{metric} importance of {model} (higher = keep)\n{text}"
 
 
+def check_calibration_fits(facts, samples: int, seq_len: int) -> None:
+    """CompressError before loading if --seq-len exceeds the model's positions or the calibration
+    windows (and their hidden states) exceed the free CPU memory."""
+    problems = [positions_problem("--seq-len", seq_len, facts.max_position_embeddings),
+                memory_problem("--samples x --seq-len", samples, seq_len, facts.hidden_size,
+                               model_io.available_bytes(torch.device("cpu")))]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CompressError("; ".join(problems))
+
+
 def score_model(model: str, *, metric: str, data: str | None, dataset: str | None, split: str,
                 samples: int, seq_len: int, seed: int, dtype: str, device: str,
-                out: Path | None, layerwise: bool | None = None) -> LayerScores | str:
+                out: Path | None, layerwise: bool | None = None,
+                allow_pickle: bool = False) -> LayerScores | str:
     """Score the layers of ``model``. ``layerwise``: keep the weights on the CPU and run one layer at
-    a time on ``device`` (None: only if the weights do not fit the device)."""
+    a time on ``device`` (None: only if the weights do not fit the device). ``allow_pickle``: also
+    read .bin weights (``--allow-pickle-weights``)."""
     if metric not in METRICS and metric not in UNIT_METRICS:
         raise CompressError(f"--metric: unknown metric {metric!r}; supported: {sorted([*METRICS, *UNIT_METRICS])}")
     source = None
@@ -90,7 +105,9 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
     if out is not None:
         output_folder(out, "--out", [local] if local else [])
     config = read_config(model)
-    model_facts(config)
+    facts = model_facts(config)
+    if source is not None:
+        check_calibration_fits(facts, samples, seq_len)
     torch_dtype = resolve_dtype(dtype, config)
     if layerwise is None:  # auto: layer by layer when the weights do not fit the device
         try:
@@ -101,7 +118,8 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
                 raise
             layerwise = True
             log.warning("weights do not fit %s: scoring layer by layer, weights in CPU memory", run_on)
-    net, tokenizer = load_model(model, dtype=torch_dtype, device=torch.device("cpu") if layerwise else run_on)
+    net, tokenizer = load_model(model, dtype=torch_dtype, device=torch.device("cpu") if layerwise else run_on,
+                                allow_pickle=allow_pickle, pickle_hint=PICKLE_FLAG_HINT)
     batches = []
     if source is not None:
         need = samples * seq_len * 4

@@ -141,7 +141,7 @@ def test_at_least_200_distinct_bad_recipes_were_fuzzed():
     (["score", "NOT_A_MODEL", "--metric", "sequential"], "holds no config.json"),
     (["score", "BAD_JSON", "--metric", "sequential"], "cannot read its config"),
     (["score", "BAD_WEIGHTS", "--metric", "sequential"], "cannot load its weights"),
-    (["score", "PICKLE_ONLY", "--metric", "sequential"], "set `allow_pickle_weights: true`"),
+    (["score", "PICKLE_ONLY", "--metric", "sequential"], "pass --allow-pickle-weights"),
 ])
 def test_cli_commands_with_bad_arguments(args, expected, tiny_model_dir, tmp_path):
     folders = {"MODEL_DIR": tiny_model_dir, "NOT_A_MODEL": tmp_path / "empty", "BAD_JSON": tmp_path / "badjson",

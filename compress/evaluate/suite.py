@@ -174,14 +174,16 @@ def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
 
 def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: EfficiencyConfig | None,
                    mmlu: MMLUConfig | None = None, dtype: str = "auto", device: str = "auto",
-                   progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+                   progress: bool = True, out: Path | None = None, allow_pickle: bool = False) -> dict[str, Any]:
     """`compress eval`: size, perplexity and latency of any model (ours or not); with ``out`` the row
-    is also written there as JSON. Paths and the device are checked before the model loads."""
+    is also written there as JSON. ``allow_pickle``: also read .bin weights (``--allow-pickle-weights``).
+    Paths, the device and the model's position limit are checked before the model loads."""
     import json
 
     from compress.evaluate.memory import disk_bytes
-    from compress.model_io import (load_model, local_model_dir, read_config, resolve_device, resolve_dtype,
-                                   write_atomic)
+    from compress.model_checks import positions_problem
+    from compress.model_io import (PICKLE_FLAG_HINT, load_model, local_model_dir, read_config, resolve_device,
+                                   resolve_dtype, write_atomic)
     from compress.paths import output_file
 
     local = local_model_dir(model)
@@ -192,7 +194,14 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
     if ppl is not None and ppl.path is not None:
         text_files(Path(ppl.path))
     config = read_config(name)
-    net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    problems = [positions_problem("--seq-len", ppl.seq_len, max_positions) if ppl else None,
+                positions_problem("--prompt-tokens + --new-tokens", efficiency.prompt_tokens + efficiency.new_tokens,
+                                  max_positions) if efficiency else None]
+    if any(problems):
+        raise CompressError(f"model {name!r}: " + "; ".join(p for p in problems if p))
+    net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev,
+                                allow_pickle=allow_pickle, pickle_hint=PICKLE_FLAG_HINT)
     row: dict[str, Any] = {"step": Path(name).name, "model": name, **size_metrics(net)}
     if local:
         row["disk_bytes"] = disk_bytes(local)

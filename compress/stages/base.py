@@ -40,6 +40,7 @@ class ModelFacts:
     intermediate_size: int | None = None
     quantized: bool = False
     hidden_size: int | None = None
+    max_position_embeddings: int | None = None  # longest sequence the model was built for
 
 
 @dataclass
