@@ -5,6 +5,8 @@ CPU, real small model (remove the 7 lowest-BI layers of 30: 30/23 = 1.30x):
     python benchmarks/latency.py --assets ../shared-cache --out benchmarks/results
 GPU, Llama-2-7B shapes with random fp16 weights (speed does not depend on the values):
     python benchmarks/latency.py --random-7b --device cuda --out benchmarks/results
+Dry run of that path on a CPU (tiny random shape, seconds):
+    python benchmarks/latency.py --random-7b --shape tiny --device cpu --prompt-tokens 16 --new-tokens 4 --repeats 1 --out /tmp/dry
 
 Both models are timed in the same process, alternating, with plain `generate` and with the
 static-cache fast path; medians over --repeats after a warm-up (compress.evaluate.latency).
@@ -16,6 +18,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,18 +28,15 @@ import transformers
 from compress.evaluate.latency import measure_latency
 from compress.model_io import load_model
 from compress.surgery import remove_layers
+from random_llama import REMOVE, random_llama, require_cuda
 
-# ShortGPT Table 4 (Llama-2-7B) and our measured BI order on SmolLM2-135M (benchmarks/results).
-PAPER_7B = [27, 26, 25, 28, 24, 29, 23, 21, 22]
+# Our measured BI order on SmolLM2-135M (benchmarks/results); ShortGPT's for Llama-2-7B is REMOVE["7b"].
 SMOLLM_BI_7 = [12, 13, 14, 15, 17, 25, 26]
 
 
 def build(args):
     if args.random_7b:
-        config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-        model = transformers.LlamaForCausalLM(config).to(torch.float16)
-        return model.to(args.device).eval(), PAPER_7B
+        return random_llama(args.shape, torch.float16, args.device), REMOVE[args.shape]
     model, _ = load_model(str(args.assets / "models/smollm2-135m-instruct"), dtype=torch.float32,
                           device=torch.device(args.device))
     return model, SMOLLM_BI_7
@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", type=Path, default=Path("../shared-cache"))
     ap.add_argument("--random-7b", action="store_true")
+    ap.add_argument("--shape", choices=["7b", "tiny"], default="7b", help="with --random-7b: tiny = CPU dry run")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    require_cuda(args.device, "latency.py")
     full, remove = build(args)
     pruned = copy.deepcopy(full)
     remove_layers(pruned, remove)
@@ -73,8 +75,8 @@ def main() -> None:
             ratios[path] = {"prefill_speedup": f["prefill_ms"] / p["prefill_ms"],
                             "decode_speedup": p["decode_tok_s"] / f["decode_tok_s"]}
     result = {
-        "command": "python benchmarks/latency.py " + ("--random-7b " if args.random_7b else "") + f"--device {args.device}",
-        "model": "llama-2-7b shapes, random fp16" if args.random_7b else "SmolLM2-135M-Instruct fp32",
+        "command": "python benchmarks/latency.py " + " ".join(sys.argv[1:]),
+        "model": f"llama shape {args.shape}, random fp16" if args.random_7b else "SmolLM2-135M-Instruct fp32",
         "layers": f"{layers} -> {layers - len(remove)} (removed {remove})",
         "theoretical_speedup": layers / (layers - len(remove)),
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
@@ -82,7 +84,8 @@ def main() -> None:
         "setting": kw, "rows": rows, "speedups": ratios,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "latency_7b_gpu" if args.random_7b else "latency_cpu"
+    where = "gpu" if args.device.startswith("cuda") else "cpu"
+    name = f"{where}_latency_random_{args.shape}" if args.random_7b else "latency_cpu"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -4,6 +4,8 @@ CPU, real small model (assets from ../shared/assets/fetch.sh):
     python benchmarks/scoring.py --assets ../shared-cache --out benchmarks/results
 GPU, Llama-2-7B shapes with random weights (memory and time do not depend on the values):
     python benchmarks/scoring.py --random-7b --device cuda --samples 32 --seq-len 2048 --out benchmarks/results
+Dry run of that path on a CPU (tiny random shape, seconds):
+    python benchmarks/scoring.py --random-7b --shape tiny --device cpu --samples 4 --seq-len 64 --out /tmp/dry
 
 Times are medians of --repeats runs in one process, each path against the same calibration batches,
 so the ratios compare like with like. Peak memory: each path runs in its own child process
@@ -29,16 +31,15 @@ from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.evaluate.memory import PeakMemory
 from compress.importance import score_layers
 from compress.model_io import load_model
+from random_llama import random_llama, require_cuda
 
 
 def build(args):
     """(model on CPU, calibration batches)."""
     if args.random_7b:
-        config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-        with torch.device("cpu"):
-            model = transformers.LlamaForCausalLM(config).to(torch.float16).eval()
-        ids = torch.randint(0, 32000, (args.samples * args.seq_len + 1,), generator=torch.Generator().manual_seed(0))
+        model = random_llama(args.shape, torch.float16, "cpu")
+        ids = torch.randint(0, model.config.vocab_size, (args.samples * args.seq_len + 1,),
+                            generator=torch.Generator().manual_seed(0))
         return model, calibration_batches(ids, args.samples, args.seq_len, 0, args.batch_size)
     model, tok = load_model(str(args.assets / "models/smollm2-135m-instruct"), dtype=torch.float32,
                             device=torch.device("cpu"))
@@ -103,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", type=Path, default=Path("../shared-cache"))
     ap.add_argument("--random-7b", action="store_true")
+    ap.add_argument("--shape", choices=["7b", "tiny"], default="7b", help="with --random-7b: tiny = CPU dry run")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--child", choices=["full", "layerwise"])
     args = ap.parse_args()
+    require_cuda(args.device, "scoring.py")
     if args.child:
         return peak_child(args)
     argv = [a for a in sys.argv[1:]]
@@ -118,7 +121,7 @@ def main() -> None:
     p = peaks(argv)
     result = {
         "command": "python benchmarks/scoring.py " + " ".join(argv),
-        "model": "llama-2-7b shapes, random fp16" if args.random_7b else "SmolLM2-135M-Instruct fp32",
+        "model": f"llama shape {args.shape}, random fp16" if args.random_7b else "SmolLM2-135M-Instruct fp32",
         "calibration": f"{args.samples} x {args.seq_len} tokens, batch {args.batch_size}",
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -131,7 +134,8 @@ def main() -> None:
         "peaks": p,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "scoring_7b_gpu" if args.random_7b else "scoring_cpu"
+    where = "gpu" if args.device.startswith("cuda") else "cpu"
+    name = f"{where}_scoring_random_{args.shape}" if args.random_7b else "scoring_cpu"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

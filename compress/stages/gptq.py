@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -124,6 +125,8 @@ class GPTQ:
         gm.save(str(work / "gptq"))
         del gm
         shutil.rmtree(work / "float", ignore_errors=True)
+        # the temporary folder goes once save() has copied it, or at the latest when the process exits
+        self._cleanup = weakref.finalize(self, shutil.rmtree, work, True)
         self._saved = work / "gptq"
         quantized = AutoModelForCausalLM.from_pretrained(self._saved, device_map=str(device)).eval()
         losses = _layer_losses(self._saved)
@@ -146,6 +149,8 @@ class GPTQ:
         for path in self._saved.iterdir():
             if path.is_file() and not path.name.startswith("tokenizer") and path.name != "quant_log.csv":
                 shutil.copy2(path, Path(folder) / path.name)
+        self._saved = None  # copied: the checkpoint is the only copy now
+        self._cleanup()
 
     def replay(self, model, record: dict[str, Any]) -> None:
         raise AssertionError("gptq is not replayable: the pipeline reloads its checkpoint")

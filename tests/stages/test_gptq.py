@@ -43,9 +43,11 @@ def test_gptq_checkpoint_is_standard_and_reloads_exactly(kind, tiny_tokenizer, t
     remove_layers(model, [2])
     stage = GPTQ(GPTQConfig(bits=4, group_size=32))
     record = stage.apply(model, ctx(tiny_tokenizer))
+    work = stage._saved.parent
     q = record.new_model
     assert q.config.num_hidden_layers == 3 == len(decoder_layers(q))
     stage.save(q, tmp_path)
+    assert not work.exists()  # GPTQModel's temporary output does not pile up in /tmp
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3
     qc = cfg["quantization_config"]
