@@ -77,14 +77,18 @@ def validate(recipe: Path) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--metric", default="bi", show_default=True,
-              help="Layers: bi, angular, relative_magnitude, ppl_drop, sequential, reverse; "
-                   "units: heads, heads_ablation, channels.")
+              help="Layers: bi, angular_layer (alias angular), relative_magnitude, ppl_drop, sequential, "
+                   "reverse; blocks: angular_block (needs --remove N); units: heads, heads_ablation, channels.")
+@click.option("--remove", type=click.IntRange(min=1),
+              help="angular_block: the block size n (prints d(x^l, x^l+n) for every start l).")
 @click.option("--data", "data", help="Local .txt/.jsonl file or folder for calibration text.")
 @click.option("--dataset", help="Hub dataset (pg19 or a hub id) instead of --data.")
 @click.option("--split", default="validation", show_default=True)
 @click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
 @click.option("--seed", default=0, show_default=True)
+@click.option("--sampling", default="random", show_default=True, type=click.Choice(["random", "strided"]),
+              help="Calibration windows: seeded random offsets, or consecutive from the start (ShortGPT's code).")
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for scores.json and the plot.")
@@ -92,16 +96,20 @@ def validate(recipe: Path) -> None:
               help="Keep weights on the CPU and run one layer at a time on --device "
                    "(default: only when the weights do not fit the device).")
 @user_errors
-def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out, layerwise) -> None:
+def score(model, metric, remove, data, dataset, split, samples, seq_len, seed, sampling, dtype, device, out,
+          layerwise) -> None:
     """Score every decoder layer of MODEL (no changes); prints a table, writes a plot."""
     from compress.scoring import score_model
 
     result = score_model(model, metric=metric, data=data, dataset=dataset, split=split,
                          samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out,
-                         layerwise=layerwise)
+                         layerwise=layerwise, sampling=sampling, remove=remove)
     click.echo(result if isinstance(result, str) else result.table())
     if out:
-        click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")
+        click.echo(f"\nscores: {out / 'scores.json'}")
+        plot = out / f"{getattr(result, 'metric', metric)}-scores.png"
+        if plot.exists():
+            click.echo(f"plot: {plot}")
 
 
 @main.command(name="eval")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.local import load_local_texts
@@ -29,13 +31,16 @@ class TextSource(BaseModel):
 
 
 class CalibrationConfig(TextSource):
-    """Calibration windows: ``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
+    """Calibration windows: ``samples`` windows of ``seq_len`` tokens of the text's token stream,
+    at seeded random offsets (``sampling: random``) or consecutive from the start (``strided``, as
+    ShortGPT's released code walks PG19 books); see compress.data.tokens.window_starts."""
 
     split: str = "validation"
     samples: int = Field(128, ge=1)
     seq_len: int = Field(2048, ge=2)
-    seed: int = 0
+    seed: int = 0  # random sampling only
     batch_size: int = Field(1, ge=1)
+    sampling: Literal["random", "strided"] = "random"
 
 
 def source_label(source: TextSource) -> str:
