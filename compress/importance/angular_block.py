@@ -1,5 +1,5 @@
 """Block angular distance (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
-Layers", arXiv 2403.17887, Sec. 3.2, eq. 7):
+Layers", arXiv 2403.17887):
 
     d(x^l, x^{l+n}) = E_samples [ arccos( x^l_T . x^{l+n}_T / (||x^l_T|| ||x^{l+n}_T||) ) / pi ]
 
