@@ -1,5 +1,7 @@
 """ShortGPT's central claim on the real small model: removing the k lowest-BI layers costs less
-perplexity than removing the first k layers (sequential) or the last k (reverse).
+perplexity than removing the first k layers (sequential) or the last k (reverse). Also compared:
+the per-layer angular distance and relative magnitude, and Gromov et al.'s angular_block (the
+block of k consecutive layers with the lowest last-token angular distance, arXiv 2403.17887).
 
     python benchmarks/bi_vs_sequential.py --assets ../shared-cache --k 4 7 9 --out benchmarks/results
 
@@ -23,10 +25,11 @@ from compress.data.local import load_local_texts
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.evaluate.perplexity import perplexity
 from compress.importance import lowest, score_layers
+from compress.importance.angular_block import best_block, block_angular_distances, last_token_hidden_states
 from compress.model_io import load_model
 from compress.surgery import remove_layers
 
-METRICS = ["bi", "angular", "relative_magnitude", "sequential", "reverse"]
+METRICS = ["bi", "angular_layer", "angular_block", "relative_magnitude", "sequential", "reverse"]
 
 
 def setup(assets: Path, eval_tokens: int):
@@ -44,22 +47,39 @@ def pruned_ppl(model, remove: list[int], tokens) -> float:
     return perplexity(pruned, tokens, seq_len=1024, batch_size=4, progress=False).ppl
 
 
+def block_choices(model, batches, ks: list[int]) -> dict[int, dict]:
+    """angular_block for every k: one pass for the last-token states, then the block math per k."""
+    states = last_token_hidden_states(model, batches, progress=False)
+    out = {}
+    for k in ks:
+        d = block_angular_distances(states, k)
+        first = best_block(d)
+        out[k] = {"block": [first, first + k], "distance": d[first], "block_distances": d}
+    return out
+
+
 def run(assets: Path, ks: list[int], metrics: list[str], eval_tokens: int) -> dict:
     model, batches, ev = setup(assets, eval_tokens)
     start = time.perf_counter()
-    scores = {m: score_layers(model, m, batches, progress=False) for m in metrics}
+    layer_metrics = [m for m in metrics if m != "angular_block"]
+    scores = {m: score_layers(model, m, batches, progress=False) for m in layer_metrics}
+    blocks = block_choices(model, batches, ks) if "angular_block" in metrics else {}
     score_s = time.perf_counter() - start
     base = perplexity(model, ev, seq_len=1024, batch_size=4, progress=False).ppl
-    rows = [{"metric": m, "k": k, "removed": sorted(lowest(scores[m], k)),
-             "ppl": pruned_ppl(model, lowest(scores[m], k), ev)} for k in ks for m in metrics]
-    return {"baseline_ppl": base, "rows": rows, "scores": scores, "bi_order": lowest(scores["bi"], 30),
+
+    def removed(m: str, k: int) -> list[int]:
+        return list(range(*blocks[k]["block"])) if m == "angular_block" else lowest(scores[m], k)
+    rows = [{"metric": m, "k": k, "removed": sorted(removed(m, k)), "ppl": pruned_ppl(model, removed(m, k), ev)}
+            for k in ks for m in metrics]
+    return {"baseline_ppl": base, "rows": rows, "scores": scores, "angular_block": blocks,
+            "bi_order": lowest(scores["bi"], 30) if "bi" in scores else None,
             "eval_tokens": int(ev.numel()), "scoring_s_all_metrics": score_s,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"}
 
 
 def markdown(result: dict, command: str) -> str:
-    lines = ["# BI vs baselines on SmolLM2-135M-Instruct (30 layers)", "",
+    lines = ["# BI vs angular distance and baselines on SmolLM2-135M-Instruct (30 layers)", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}; torch {result['versions']['torch']}, "
              f"transformers {result['versions']['transformers']}  ",
              f"Perplexity on the first {result['eval_tokens']} tokens of Austen (PG): Pride and Prejudice, "
@@ -69,6 +89,10 @@ def markdown(result: dict, command: str) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['k']} | {r['metric']} | {r['ppl']:.2f} | {r['removed']} |")
     lines += ["", f"BI order (least important first): {result['bi_order']}", ""]
+    for k, b in result["angular_block"].items():
+        lines.append(f"angular_block, n = {k}: block [{b['block'][0]}, {b['block'][1]}), d = {b['distance']:.4f}; "
+                     f"d per start l: {[round(d, 4) for d in b['block_distances']]}  ")
+    lines.append("")
     return "\n".join(lines)
 
 

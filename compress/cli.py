@@ -84,14 +84,18 @@ def validate(recipe: Path) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--metric", default="bi", show_default=True,
-              help="Layers: bi, angular, relative_magnitude, ppl_drop, sequential, reverse; "
-                   "units: heads, heads_ablation, channels.")
+              help="Layers: bi, angular_layer (alias angular), relative_magnitude, ppl_drop, sequential, "
+                   "reverse; blocks: angular_block (needs --remove N); units: heads, heads_ablation, channels.")
+@click.option("--remove", type=click.IntRange(min=1),
+              help="angular_block: the block size n (prints d(x^l, x^l+n) for every start l).")
 @click.option("--data", "data", help="Local .txt/.jsonl file or folder for calibration text.")
 @click.option("--dataset", help="Hub dataset (pg19 or a hub id) instead of --data.")
 @click.option("--split", default="validation", show_default=True)
 @click.option("--samples", default=32, show_default=True, type=click.IntRange(1, MAX_SAMPLES))
 @click.option("--seq-len", default=512, show_default=True, type=SEQ_LEN)
 @click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--sampling", default="random", show_default=True, type=click.Choice(["random", "strided"]),
+              help="Calibration windows: seeded random offsets, or consecutive from the start (ShortGPT's code).")
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for scores.json and the plot.")
@@ -101,17 +105,20 @@ def validate(recipe: Path) -> None:
 @click.option("--allow-pickle-weights", is_flag=True,
               help="Also read pickle (.bin) weights, with torch.load(weights_only=True); default: safetensors only.")
 @user_errors
-def score(model, metric, data, dataset, split, samples, seq_len, seed, dtype, device, out, layerwise,
-          allow_pickle_weights) -> None:
+def score(model, metric, remove, data, dataset, split, samples, seq_len, seed, sampling, dtype, device, out,
+          layerwise, allow_pickle_weights) -> None:
     """Score every decoder layer of MODEL (no changes); prints a table, writes a plot."""
     from compress.scoring import score_model
 
     result = score_model(model, metric=metric, data=data, dataset=dataset, split=split,
                          samples=samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, out=out,
-                         layerwise=layerwise, allow_pickle=allow_pickle_weights)
+                         layerwise=layerwise, sampling=sampling, remove=remove, allow_pickle=allow_pickle_weights)
     click.echo(result if isinstance(result, str) else result.table())
     if out:
-        click.echo(f"\nscores: {out / 'scores.json'}\nplot: {out / f'{metric}-scores.png'}")
+        click.echo(f"\nscores: {out / 'scores.json'}")
+        plot = out / f"{getattr(result, 'metric', metric)}-scores.png"
+        if plot.exists():
+            click.echo(f"plot: {plot}")
 
 
 @main.command(name="eval")

@@ -137,8 +137,10 @@ class Pipeline:
         if key not in self._calibration:
             need = cal.samples * cal.seq_len * 4
             tokens = tokenize_documents(tokenizer, load_texts(cal, max_chars=need * 12), max_tokens=need)
-            self._calibration[key] = calibration_batches(tokens, cal.samples, cal.seq_len, cal.seed, cal.batch_size)
-            log.info("calibration: %d samples x %d tokens from %s", cal.samples, cal.seq_len, source_label(cal))
+            self._calibration[key] = calibration_batches(tokens, cal.samples, cal.seq_len, cal.seed,
+                                                         cal.batch_size, cal.sampling, source_label(cal))
+            log.info("calibration: %d samples x %d tokens (%s) from %s", cal.samples, cal.seq_len, cal.sampling,
+                     source_label(cal))
         return self._calibration[key]
 
     # -- steps -----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from compress.data.local import text_files
 from compress.data.sources import TextSource, load_texts, source_label
 from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.errors import CompressError
-from compress.importance import DESCRIPTIONS, METRICS, lowest, metric_needs_calibration, score_layers
+from compress.importance import (BLOCK_METRICS, DESCRIPTIONS, METRICS, canonical_metric, lowest,
+                                 metric_needs_calibration, score_layers)
+from compress.importance.angular_block import angular_block_distances, best_block
 import compress.model_io as model_io
 from compress.model_checks import memory_problem, positions_problem
 from compress.model_io import (PICKLE_FLAG_HINT, check_fits, load_model, local_model_dir, model_facts, read_config, resolve_device,
@@ -45,7 +47,44 @@ class LayerScores:
         return "\n".join(lines)
 
 
+@dataclass
+class BlockScores:
+    """angular_block: d(x^l, x^{l+n}) for every block start l; the lowest block is removed."""
+
+    model: str
+    metric: str
+    n: int
+    block_distances: list[float]
+    data: str | None
+
+    def block(self) -> list[int]:
+        first = best_block(self.block_distances)
+        return [first, first + self.n]
+
+    def table(self) -> str:
+        first, end = self.block()
+        lines = [f"{self.metric} of {self.model} with n = {self.n} ({DESCRIPTIONS[self.metric]}; "
+                 f"data: {self.data or 'none'})",
+                 "start l  layers      d(x^l, x^l+n)"]
+        lines += [f"{i:>7}  {f'{i}..{i + self.n - 1}':<10}  {d:.6f}" for i, d in enumerate(self.block_distances)]
+        lines.append(f"block removed: layers {first}..{end - 1} ([{first}, {end}))")
+        return "\n".join(lines)
+
+
 UNIT_METRICS = ("heads", "heads_ablation", "channels")
+
+
+def check_block_size(metric: str, remove: int | None, num_layers: int) -> None:
+    """--remove is the block size of angular_block and means nothing for the other metrics."""
+    if metric in BLOCK_METRICS and remove is None:
+        raise CompressError(f"--metric {metric} scores blocks of n consecutive layers: give n with --remove N "
+                            f"(1..{num_layers - 1}); it prints d(x^l, x^l+n) for every start l")
+    if metric not in BLOCK_METRICS and remove is not None:
+        raise CompressError(f"--remove is the block size of --metric angular_block; {metric} scores single "
+                            "layers: drop --remove")
+    if remove is not None and not 1 <= remove < num_layers:
+        raise CompressError(f"--remove: {remove} is not a block size for a model with {num_layers} layers "
+                            f"(1..{num_layers - 1})")
 
 
 def unit_scores(net, metric: str, batches, model: str, out: Path | None) -> str:
@@ -83,13 +122,15 @@ def check_calibration_fits(facts, samples: int, seq_len: int) -> None:
 
 def score_model(model: str, *, metric: str, data: str | None, dataset: str | None, split: str,
                 samples: int, seq_len: int, seed: int, dtype: str, device: str,
-                out: Path | None, layerwise: bool | None = None,
-                allow_pickle: bool = False) -> LayerScores | str:
+                out: Path | None, layerwise: bool | None = None, sampling: str = "random",
+                remove: int | None = None, allow_pickle: bool = False) -> LayerScores | BlockScores | str:
     """Score the layers of ``model``. ``layerwise``: keep the weights on the CPU and run one layer at
-    a time on ``device`` (None: only if the weights do not fit the device). ``allow_pickle``: also
-    read .bin weights (``--allow-pickle-weights``)."""
+    a time on ``device`` (None: only if the weights do not fit the device). ``remove``: the block
+    size n of angular_block. ``sampling``: random | strided calibration windows. ``allow_pickle``:
+    also read .bin weights (``--allow-pickle-weights``)."""
     if metric not in METRICS and metric not in UNIT_METRICS:
         raise CompressError(f"--metric: unknown metric {metric!r}; supported: {sorted([*METRICS, *UNIT_METRICS])}")
+    metric = canonical_metric(metric)
     source = None
     if metric in UNIT_METRICS or metric_needs_calibration(metric):
         if (data is None) == (dataset is None):
@@ -106,6 +147,7 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
         output_folder(out, "--out", [local] if local else [])
     config = read_config(model)
     facts = model_facts(config)
+    check_block_size(metric, remove, facts.num_layers)
     if source is not None:
         check_calibration_fits(facts, samples, seq_len)
     torch_dtype = resolve_dtype(dtype, config)
@@ -124,9 +166,16 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
     if source is not None:
         need = samples * seq_len * 4
         tokens = tokenize_documents(tokenizer, load_texts(source, need * 12), max_tokens=need)
-        batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1, source=source_label(source))
+        batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1, sampling=sampling,
+                                      source=source_label(source))
     if metric in UNIT_METRICS:
         return unit_scores(net, metric, batches, model, out)
+    if metric in BLOCK_METRICS:
+        distances = angular_block_distances(net, batches, remove, layerwise_on=run_on if layerwise else None)
+        blocks = BlockScores(model, metric, remove, distances, source_label(source))
+        if out is not None:
+            write_atomic(out / "scores.json", json.dumps({**blocks.__dict__, "block": blocks.block()}, indent=2))
+        return blocks
     scores = score_layers(net, metric, batches, layerwise_on=run_on if layerwise else None)
     result = LayerScores(model, metric, scores, source_label(source) if source else None)
     if out is not None:

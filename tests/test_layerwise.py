@@ -17,7 +17,7 @@ BATCHES = [pad_batch(SEQS[:3], 0), pad_batch(SEQS[3:], 0)]  # padded and unpadde
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("metric", ["bi", "angular", "relative_magnitude"])
+@pytest.mark.parametrize("metric", ["bi", "angular_layer", "relative_magnitude"])
 def test_layerwise_scores_equal_full_model_scores(arch, metric):
     model = tiny_model(arch, 5)
     full = score_layers(model, metric, BATCHES, progress=False)

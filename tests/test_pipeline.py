@@ -336,3 +336,43 @@ def test_score_command_for_heads_and_channels(metric, png, tiny_model_dir, text_
     scores = json.loads((tmp_path / "s/scores.json").read_text())["scores"]
     assert len(scores) == 5 and len(scores[0]) == (4 if metric == "heads" else 128)
     assert (tmp_path / "s" / png).stat().st_size > 1000
+
+
+def test_strided_calibration_from_the_recipe(recipe, tiny_tokenizer, text_file):
+    from compress.data.local import load_local_texts
+    from compress.data.tokens import tokenize_documents
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+
+    body = yaml.safe_load(recipe.read_text())
+    body["calibration"]["sampling"] = "strided"
+    recipe.write_text(yaml.safe_dump(body))
+    batches = Pipeline(load_recipe(recipe), progress=False).calibration(tiny_tokenizer)
+    stream = tokenize_documents(tiny_tokenizer, load_local_texts(text_file))
+    assert torch.cat([b["input_ids"] for b in batches]).tolist() == [stream[16 * i:16 * (i + 1)].tolist()
+                                                                      for i in range(4)]
+
+
+def test_score_command_angular_block_prints_every_block_start(tiny_model_dir, text_file, tmp_path):
+    args = ["score", str(tiny_model_dir), "--metric", "angular_block", "--data", str(text_file), "--samples", "3",
+            "--seq-len", "16", "--sampling", "strided"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0
+    assert "--metric angular_block scores blocks of n consecutive layers: give n with --remove N (1..4)" \
+        in refused.output
+    result = CliRunner().invoke(main, [*args, "--remove", "2", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "s/scores.json").read_text())
+    assert saved["n"] == 2 and len(saved["block_distances"]) == 4
+    first = min(range(4), key=lambda i: saved["block_distances"][i])
+    assert saved["block"] == [first, first + 2]
+    from compress.data.local import load_local_texts
+    from compress.data.tokens import calibration_batches, tokenize_documents
+    from compress.importance.angular_block import angular_block_distances
+    from compress.model_io import load_model
+
+    model, tok = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    strided = calibration_batches(tokenize_documents(tok, load_local_texts(text_file)), 3, 16, 0, 1, "strided")
+    assert saved["block_distances"] == pytest.approx(angular_block_distances(model, strided, 2, False), abs=1e-6)
+    assert f"block removed: layers {first}..{first + 1} ([{first}, {first + 2}))" in result.output
+    assert "plot:" not in result.output

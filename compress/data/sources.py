@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.data.local import load_local_texts
@@ -30,13 +32,16 @@ class TextSource(BaseModel):
 
 
 class CalibrationConfig(TextSource):
-    """Calibration windows: ``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
+    """Calibration windows: ``samples`` windows of ``seq_len`` tokens of the text's token stream,
+    at seeded random offsets (``sampling: random``) or consecutive from the start (``strided``, as
+    ShortGPT's released code walks PG19 books); see compress.data.tokens.window_starts."""
 
     split: str = "validation"
     samples: int = Field(128, ge=1, le=MAX_SAMPLES)
     seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN)
-    seed: int = 0
+    seed: int = 0  # random sampling only
     batch_size: int = Field(1, ge=1, le=MAX_COUNT)
+    sampling: Literal["random", "strided"] = "random"
 
     @field_validator("seed")
     @classmethod

@@ -27,18 +27,43 @@ def tokenize_documents(tokenizer, texts: list[str], max_tokens: int | None = Non
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
-def calibration_batches(tokens: torch.Tensor, samples: int, seq_len: int, seed: int,
-                        batch_size: int, source: str = "") -> list[dict[str, torch.Tensor]]:
-    """``samples`` windows of ``seq_len`` tokens at seeded random offsets (as GPTQ's and
-    ShortGPT's reference code draw calibration windows), grouped into batches. No padding.
-    ``source`` names the text in the error when there is too little of it."""
-    if tokens.numel() <= seq_len:
+SAMPLINGS = ("random", "strided")
+
+
+def window_starts(num_tokens: int, samples: int, seq_len: int, seed: int, sampling: str,
+                  source: str = "") -> list[int]:
+    """Where each calibration window of ``seq_len`` tokens starts in a stream of ``num_tokens``.
+
+    * ``random``: ``samples`` seeded uniform offsets in [0, num_tokens - seq_len) (GPTQ's
+      reference ``get_wikitext2``/``get_c4`` draw windows this way);
+    * ``strided``: consecutive non-overlapping windows from the start, 0, seq_len, 2 seq_len, ...
+      (ShortGPT's released code, icip-cas/ShortGPT ``shortgpt.py`` ``eval_importance``, walks each
+      PG19 validation book in ``stride=256`` steps the same way).
+    ``source`` names the text in the error when there is too little of it.
+    """
+    text = f"calibration text{f' {source}' if source else ''}"
+    if sampling == "strided":
+        if samples * seq_len > num_tokens:
+            raise CompressError(
+                f"{text} has {num_tokens} tokens; sampling: strided needs samples x seq_len = "
+                f"{samples} x {seq_len} = {samples * seq_len}: give more text, fewer samples or a smaller seq_len")
+        return [i * seq_len for i in range(samples)]
+    if sampling != "random":
+        raise ValueError(f"unknown sampling {sampling!r}; supported: {list(SAMPLINGS)}")
+    if num_tokens <= seq_len:
         raise CompressError(
-            f"calibration text{f' {source}' if source else ''} has {tokens.numel()} tokens, "
-            f"fewer than seq_len={seq_len}+1: give more text or a smaller seq_len"
+            f"{text} has {num_tokens} tokens, fewer than seq_len={seq_len}+1: "
+            "give more text or a smaller seq_len"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (samples,), generator=gen).tolist()
+    return torch.randint(0, num_tokens - seq_len, (samples,), generator=gen).tolist()
+
+
+def calibration_batches(tokens: torch.Tensor, samples: int, seq_len: int, seed: int,
+                        batch_size: int, sampling: str = "random", source: str = "") -> list[dict[str, torch.Tensor]]:
+    """``samples`` windows of ``seq_len`` tokens of the stream (placed as ``window_starts`` says),
+    grouped into batches of ``batch_size``. No padding. ``source`` names the text in errors."""
+    starts = window_starts(tokens.numel(), samples, seq_len, seed, sampling, source)
     windows = torch.stack([tokens[s : s + seq_len] for s in starts])
     return [
         {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}

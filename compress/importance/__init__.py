@@ -3,6 +3,7 @@ metric the *lowest* score marks the layer to remove first."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -21,15 +22,30 @@ ORDER_METRICS: dict[str, Callable[[int], list[float]]] = {
     "sequential": sequential_scores,
     "reverse": reverse_scores,
 }
-METRICS = sorted([*ACTIVATION_METRICS, *ORDER_METRICS, "ppl_drop"])
+BLOCK_METRICS = ("angular_block",)  # score blocks of n consecutive layers, not single layers
+ALIASES = {"angular": "angular_layer"}  # old name of the per-layer angular distance
+METRICS = sorted([*ACTIVATION_METRICS, *ORDER_METRICS, "ppl_drop", *BLOCK_METRICS, *ALIASES])
 DESCRIPTIONS = {
     "bi": "Block Influence, 1 - mean cos(layer input, layer output) (ShortGPT)",
-    "angular": "mean angular distance arccos(cos)/pi between layer input and output",
+    "angular_layer": "mean over all tokens of arccos(cos)/pi between layer input and output",
+    "angular_block": "arccos(cos)/pi between the inputs of layers l and l+n at the last token "
+                     "(Gromov et al. 2024); the block [l, l+n) with the lowest is removed",
     "relative_magnitude": "mean ||f(x)|| / ||x + f(x)|| (Samragh et al. 2023)",
     "sequential": "baseline: remove the first layers first",
     "reverse": "baseline: remove the last layers first",
     "ppl_drop": "calibration NLL increase when the layer alone is skipped",
 }
+
+
+log = logging.getLogger("compress")
+
+
+def canonical_metric(metric: str) -> str:
+    """The metric's current name (``angular`` -> ``angular_layer``), logging the rename."""
+    if metric in ALIASES:
+        log.info("metric %r is the per-layer angular distance (mean over all tokens), now named %r; "
+                 "Gromov et al.'s block method is 'angular_block'", metric, ALIASES[metric])
+    return ALIASES.get(metric, metric)
 
 
 def metric_needs_calibration(metric: str) -> bool:
@@ -42,7 +58,11 @@ def score_layers(model, metric: str, batches: list[dict[str, torch.Tensor]],
 
     ``layerwise_on``: run layer by layer on that device (see compress.layerwise) instead of one
     full forward per batch; the scores are the same, peak accelerator memory is one layer."""
+    metric = canonical_metric(metric)
     num_layers = len(decoder_layers(model))
+    if metric in BLOCK_METRICS:
+        raise ValueError(f"{metric} scores blocks of n layers, not single layers: "
+                         "use compress.importance.angular_block.angular_block_distances")
     if metric in ORDER_METRICS:
         return ORDER_METRICS[metric](num_layers)
     if metric == "ppl_drop":

@@ -4,9 +4,12 @@ Men et al. 2024, arXiv 2403.03853).
 Sample yaml::
 
     - layer_removal: {metric: bi, remove: 9}       # or fraction: 0.27, or layers: [27, 26, 25]
+    - layer_removal: {metric: angular_block, remove: 9}   # Gromov et al.: one contiguous block
 
 :param metric: how layers are scored (default ``bi``); lowest score is removed first. One of
-    bi, angular, relative_magnitude, ppl_drop, sequential, reverse.
+    bi, angular_layer (old name: angular), relative_magnitude, ppl_drop, sequential, reverse; or
+    angular_block (Gromov et al. 2024, arXiv 2403.17887): removes the block of ``remove`` consecutive
+    layers [l, l+n) whose input and output differ least in angle at the last token of each sample.
 :param remove: how many layers to remove.
 :param fraction: share of layers to remove, rounded to the nearest count (0.27 x 32 -> 9).
 :param layers: explicit layer indices to remove (no scoring; calibration not needed).
@@ -22,7 +25,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from compress.importance import METRICS, lowest, metric_needs_calibration, score_layers
+from compress.importance import (ALIASES, BLOCK_METRICS, METRICS, lowest, metric_needs_calibration,
+                                 score_layers)
+from compress.importance.angular_block import angular_block_distances, best_block
 from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import remove_layers
@@ -57,7 +62,8 @@ class LayerRemoval:
 
     def __init__(self, config: LayerRemovalConfig) -> None:
         self.config = config
-        self.metric = config.metric or "bi"
+        metric = config.metric or "bi"
+        self.metric = ALIASES.get(metric, metric)  # score_layers logs the rename when it scores
 
     @property
     def needs_calibration(self) -> bool:
@@ -97,25 +103,39 @@ class LayerRemoval:
             errors.append(f"fraction: {self.config.fraction} of {n} layers rounds to 0 layers")
         return errors
 
+    def remove_block(self, model, ctx: StageContext) -> tuple[list[int], dict[str, Any]]:
+        """angular_block: the n consecutive layers [l*, l*+n) with the lowest d(x^l, x^{l+n})."""
+        n = self.count(model.config.num_hidden_layers)
+        ctx.log.info("angular distance of every block of %d layers on %d calibration batches (%s)",
+                     n, len(ctx.calibration), ctx.device)
+        distances = angular_block_distances(model, ctx.calibration, n, progress=ctx.progress,
+                                            layerwise_on=self.layerwise_device(model, ctx.device))
+        first = best_block(distances)
+        return list(range(first, first + n)), {"block_distances": distances, "block": [first, first + n]}
+
     def apply(self, model, ctx: StageContext) -> StageRecord:
         start = time.perf_counter()
         num_layers = model.config.num_hidden_layers
+        extra: dict[str, Any] = {}
         if self.config.layers is not None:
             scores, chosen = None, sorted(self.config.layers)
+        elif self.metric in BLOCK_METRICS:
+            scores = None
+            chosen, extra = self.remove_block(model, ctx)
         else:
             ctx.log.info("scoring %d layers with %s on %d calibration batches (%s)",
                          num_layers, self.metric, len(ctx.calibration), ctx.device)
-            scores = score_layers(model, self.metric, ctx.calibration, progress=ctx.progress,
-                                  layerwise_on=self.layerwise_device(model, ctx.device))
+            scores = score_layers(model, self.config.metric or self.metric, ctx.calibration,
+                                  progress=ctx.progress, layerwise_on=self.layerwise_device(model, ctx.device))
             chosen = lowest(scores, self.count(num_layers))
         original = [ctx.original_layer_ids[i] for i in chosen]
         remove_layers(model, chosen)
+        by = "list" if self.config.layers is not None else self.metric
         return StageRecord(
             stage=self.name,
-            summary=f"removed {len(chosen)} of {num_layers} layers by {self.metric if scores else 'list'}: "
-                    f"original indices {original}",
-            details={"metric": self.metric if scores else "explicit", "scores": scores,
-                     "removal_order": chosen, "removed_original": original},
+            summary=f"removed {len(chosen)} of {num_layers} layers by {by}: original indices {original}",
+            details={"metric": "explicit" if by == "list" else by, "scores": scores,
+                     "removal_order": chosen, "removed_original": original, **extra},
             replay={"remove": sorted(chosen)},
             removed_layers=sorted(chosen),
             wall_s=time.perf_counter() - start,

@@ -75,7 +75,7 @@ def test_angular_and_relative_magnitude_match_their_formulas():
     model = tiny_model("llama", 4)
     ang = reference(model, list(IDS), lambda a, b: torch.arccos(cos(a, b).clamp(-1, 1)) / math.pi)
     rm = reference(model, list(IDS), lambda a, b: (b - a).norm(dim=-1) / b.norm(dim=-1))
-    assert score_layers(model, "angular", FULL, progress=False) == pytest.approx(ang, abs=1e-5)
+    assert score_layers(model, "angular_layer", FULL, progress=False) == pytest.approx(ang, abs=1e-5)
     assert score_layers(model, "relative_magnitude", FULL, progress=False) == pytest.approx(rm, abs=1e-5)
 
 
