@@ -4,8 +4,11 @@
 
 Calibration: Austen's Emma, 32 x 256 tokens for BI, heads and width; 10 x 128 tokens for SLM (its
 reference setting: the threshold search runs the merged model once per candidate window, so the
-calibration size multiplies its cost). Perplexity on the first 16,384 tokens of Pride and Prejudice,
-1,024-token windows.
+calibration size multiplies its cost). SLM runs: the released reference code's configuration
+(sample_cosine, reference walk, top rule) at its threshold 0.72 and searched to 7 layers, then the
+paper's merge rule, then the previous default (token_cosine, paper walk). Perplexity on the first
+16,384 tokens of Pride and Prejudice, 1,024-token windows. ``sample_cosine``: the reference's
+similarity of each shallower model's final hidden states to the original's on the SLM calibration.
 """
 
 from __future__ import annotations
@@ -26,12 +29,24 @@ from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.evaluate.memory import parameter_count
 from compress.evaluate.perplexity import perplexity
 from compress.importance import lowest, score_layers
+from compress.importance.similarity import final_hidden_states, sample_cosine
 from compress.model_io import load_model
 from compress.stages.base import StageContext
 from compress.stages.head_pruning import HeadPruning, HeadPruningConfig
 from compress.stages.layer_merge import LayerMerge, LayerMergeConfig
 from compress.stages.width_pruning import WidthPruning, WidthPruningConfig
 from compress.surgery import remove_layers
+
+
+REFERENCE = {"similarity": "sample_cosine", "walk": "reference", "merge_rule": "top"}  # SLM.py as released
+SLM_CONFIGS = [
+    ("reference code: sample_cosine, reference walk, top rule, threshold 0.72", {**REFERENCE, "threshold": 0.72}),
+    ("reference code, threshold searched to remove 7", {**REFERENCE, "remove": 7, "search_steps": 10}),
+    ("sample_cosine, reference walk, delta_sum (paper rule)",
+     {**REFERENCE, "merge_rule": "delta_sum", "remove": 7, "search_steps": 10}),
+    ("token_cosine, paper walk, delta_sum (previous default)",
+     {"similarity": "token_cosine", "walk": "paper", "merge_rule": "delta_sum", "remove": 7, "search_steps": 10}),
+]
 
 
 def main() -> None:
@@ -53,21 +68,25 @@ def main() -> None:
     def ppl(m) -> float:
         return perplexity(m, ev, seq_len=1024, batch_size=4, progress=False).ppl
 
+    original = final_hidden_states(model, slm_cal)
+
+    def similarity(m) -> float:
+        return sample_cosine(original, final_hidden_states(m, slm_cal))
+
     rows = [{"method": "baseline", "params_M": parameter_count(model) / 1e6, "ppl": ppl(model), "detail": ""}]
     bi = copy.deepcopy(model)
     removed = sorted(lowest(score_layers(bi, "bi", cal, progress=False), 7))
     remove_layers(bi, removed)
     rows.append({"method": "BI removal, 7 layers", "params_M": parameter_count(bi) / 1e6, "ppl": ppl(bi),
-                 "detail": f"removed {removed}"})
-    for similarity, rule in (("cosine", "delta_sum"), ("cosine", "top"), ("cka", "delta_sum")):
+                 "sample_cosine": similarity(bi), "detail": f"removed {removed}"})
+    for label, cfg in SLM_CONFIGS:
         m = copy.deepcopy(model)
         start = time.perf_counter()
-        rec = LayerMerge(LayerMergeConfig(remove=7, similarity=similarity, merge_rule=rule,
-                                          search_steps=10)).apply(m, slm_ctx)
-        rows.append({"method": f"SLM merge ({similarity}, {rule})", "params_M": parameter_count(m) / 1e6,
-                     "ppl": ppl(m), "detail": f"removed {m.config.num_hidden_layers and 30 - m.config.num_hidden_layers}, "
+        rec = LayerMerge(LayerMergeConfig(**cfg)).apply(m, slm_ctx)
+        rows.append({"method": f"SLM merge ({label})", "params_M": parameter_count(m) / 1e6,
+                     "ppl": ppl(m), "sample_cosine": similarity(m), "detail": f"removed {30 - m.config.num_hidden_layers}, "
                      f"groups {rec.details['merged_groups_original']}, threshold {rec.details['threshold']:.4f}, "
-                     f"{time.perf_counter() - start:.0f} s"})
+                     f"{time.perf_counter() - start:.0f} s", "config": cfg})
         print(rows[-1], flush=True)
     for name, stage in (("heads: 1 per KV group (9 -> 6 query heads)", HeadPruning(HeadPruningConfig(remove=3))),
                         ("heads: 1 of 3 KV groups (9/3 -> 6/2)", HeadPruning(HeadPruningConfig(remove=1, kv_groups=True))),
