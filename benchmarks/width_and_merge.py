@@ -6,8 +6,8 @@ Calibration: Austen's Emma, 32 x 256 tokens for BI, heads and width; 10 x 128 to
 reference setting: the threshold search runs the merged model once per candidate window, so the
 calibration size multiplies its cost). SLM runs: the released reference code's configuration
 (sample_cosine, reference walk, top rule) at its threshold 0.72, then the same with the paper's
-merge rule. The JSON is rewritten after every SLM row (``complete: false`` until the end). Perplexity on the first
-16,384 tokens of Pride and Prejudice, 1,024-token windows. ``sample_cosine``: the reference's
+merge rule. The JSON is rewritten after every SLM row (``complete: false`` until the end).
+Perplexity on the first 16,384 tokens of Pride and Prejudice, 1,024-token windows. ``sample_cosine``: the reference's
 similarity of each shallower model's final hidden states to the original's on the SLM calibration.
 """
 
