@@ -4,8 +4,11 @@
 
 Calibration: Austen's Emma, 32 x 256 tokens for BI, heads and width; 10 x 128 tokens for SLM (its
 reference setting: the threshold search runs the merged model once per candidate window, so the
-calibration size multiplies its cost). Perplexity on the first 16,384 tokens of Pride and Prejudice,
-1,024-token windows.
+calibration size multiplies its cost). SLM runs: the released reference code's configuration
+(sample_cosine, reference walk, top rule) at its threshold 0.72, then the same with the paper's
+merge rule. The JSON is rewritten after every SLM row (``complete: false`` until the end).
+Perplexity on the first 16,384 tokens of Pride and Prejudice, 1,024-token windows. ``sample_cosine``: the reference's
+similarity of each shallower model's final hidden states to the original's on the SLM calibration.
 """
 
 from __future__ import annotations
@@ -26,12 +29,32 @@ from compress.data.tokens import calibration_batches, tokenize_documents
 from compress.evaluate.memory import parameter_count
 from compress.evaluate.perplexity import perplexity
 from compress.importance import lowest, score_layers
+from compress.importance.similarity import final_hidden_states, sample_cosine
 from compress.model_io import load_model
 from compress.stages.base import StageContext
 from compress.stages.head_pruning import HeadPruning, HeadPruningConfig
 from compress.stages.layer_merge import LayerMerge, LayerMergeConfig
 from compress.stages.width_pruning import WidthPruning, WidthPruningConfig
 from compress.surgery import remove_layers
+
+
+REFERENCE = {"similarity": "sample_cosine", "walk": "reference", "merge_rule": "top"}  # SLM.py as released
+# At its own threshold 0.72 the reference configuration removes exactly 7 layers of this model (as
+# BI below), so no threshold search is needed for a same-depth comparison; a search costs ~10 walks.
+SLM_CONFIGS = [
+    ("reference code: sample_cosine, reference walk, top rule, threshold 0.72", {**REFERENCE, "threshold": 0.72}),
+    ("sample_cosine, reference walk, delta_sum (paper rule), threshold 0.72",
+     {**REFERENCE, "merge_rule": "delta_sum", "threshold": 0.72}),
+]
+
+
+def save(out: Path, rows: list[dict], complete: bool) -> None:
+    result = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "command": "python benchmarks/width_and_merge.py --assets ../shared-cache", "complete": complete,
+              "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "width_and_merge.json").write_text(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -53,33 +76,34 @@ def main() -> None:
     def ppl(m) -> float:
         return perplexity(m, ev, seq_len=1024, batch_size=4, progress=False).ppl
 
+    original = final_hidden_states(model, slm_cal)
+
+    def similarity(m) -> float:
+        return sample_cosine(original, final_hidden_states(m, slm_cal))
+
     rows = [{"method": "baseline", "params_M": parameter_count(model) / 1e6, "ppl": ppl(model), "detail": ""}]
     bi = copy.deepcopy(model)
     removed = sorted(lowest(score_layers(bi, "bi", cal, progress=False), 7))
     remove_layers(bi, removed)
     rows.append({"method": "BI removal, 7 layers", "params_M": parameter_count(bi) / 1e6, "ppl": ppl(bi),
-                 "detail": f"removed {removed}"})
-    for similarity, rule in (("cosine", "delta_sum"), ("cosine", "top"), ("cka", "delta_sum")):
+                 "sample_cosine": similarity(bi), "detail": f"removed {removed}"})
+    for label, cfg in SLM_CONFIGS:
         m = copy.deepcopy(model)
         start = time.perf_counter()
-        rec = LayerMerge(LayerMergeConfig(remove=7, similarity=similarity, merge_rule=rule,
-                                          search_steps=10)).apply(m, slm_ctx)
-        rows.append({"method": f"SLM merge ({similarity}, {rule})", "params_M": parameter_count(m) / 1e6,
-                     "ppl": ppl(m), "detail": f"removed {m.config.num_hidden_layers and 30 - m.config.num_hidden_layers}, "
+        rec = LayerMerge(LayerMergeConfig(**cfg)).apply(m, slm_ctx)
+        rows.append({"method": f"SLM merge ({label})", "params_M": parameter_count(m) / 1e6,
+                     "ppl": ppl(m), "sample_cosine": similarity(m), "detail": f"removed {30 - m.config.num_hidden_layers}, "
                      f"groups {rec.details['merged_groups_original']}, threshold {rec.details['threshold']:.4f}, "
-                     f"{time.perf_counter() - start:.0f} s"})
+                     f"{time.perf_counter() - start:.0f} s", "config": cfg})
         print(rows[-1], flush=True)
+        save(args.out, rows, complete=False)
     for name, stage in (("heads: 1 per KV group (9 -> 6 query heads)", HeadPruning(HeadPruningConfig(remove=3))),
                         ("heads: 1 of 3 KV groups (9/3 -> 6/2)", HeadPruning(HeadPruningConfig(remove=1, kv_groups=True))),
                         ("MLP width -25% (1536 -> 1152)", WidthPruning(WidthPruningConfig(fraction=0.25)))):
         m = copy.deepcopy(model)
         stage.apply(m, ctx)
         rows.append({"method": name, "params_M": parameter_count(m) / 1e6, "ppl": ppl(m), "detail": ""})
-    result = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "command": "python benchmarks/width_and_merge.py --assets ../shared-cache", "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "width_and_merge.json").write_text(json.dumps(result, indent=2))
+    save(args.out, rows, complete=True)
     for r in rows:
         print(f"| {r['method']} | {r['params_M']:.1f} | {r['ppl']:.2f} | {r['detail']} |")
 

@@ -1,7 +1,13 @@
 """Output similarity between two runs of a model on the same batches (SLM's merge criterion).
 
-* ``cosine``: mean over non-padding tokens of cos(h_a, h_b) of the final hidden states (what the
-  SLM reference code compares);
+Each run is the final hidden states (after the final norm, i.e. HF ``hidden_states[-1]``) of every
+calibration sample: a list of (tokens, H) tensors, one per sample, padding tokens dropped.
+
+* ``sample_cosine`` (the SLM reference code, ``cal_sim`` in 920927/SLM-a-sliding-layer-merging-method
+  ``SLM.py``): per sample, the cosine between the two (tokens x H) matrices flattened into one
+  vector each, then the mean over samples. The reference's threshold 0.72 is a value of this measure;
+* ``token_cosine``: mean over all tokens of cos(h_a, h_b) (a per-token measure; it weights every
+  token equally, so it is not the reference's number and 0.72 means something else under it);
 * ``cka``: linear CKA (Kornblith et al. 2019, arXiv 1905.00414) between the token x hidden matrices,
   the measure of the SLM paper's analysis: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F).
 """
@@ -14,8 +20,9 @@ import torch
 @torch.no_grad()
 def final_hidden_states(model, batches: list[dict[str, torch.Tensor]],
                         layerwise_on: torch.device | None = None) -> list[torch.Tensor]:
-    """The base model's last hidden state of every non-padding token, per batch: (tokens, H) float32.
-    ``layerwise_on``: computed one decoder layer at a time on that device (same values)."""
+    """The base model's last hidden state (after the final norm) of every non-padding token, one
+    (tokens, H) float32 tensor per sample (batch rows in order). ``layerwise_on``: computed one
+    decoder layer at a time on that device (same values)."""
     if layerwise_on is not None:
         return _final_hidden_layerwise(model, batches, layerwise_on)
     device = next(model.parameters()).device
@@ -24,11 +31,24 @@ def final_hidden_states(model, batches: list[dict[str, torch.Tensor]],
         mask = batch["attention_mask"].to(device).bool()
         h = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long(),
                              use_cache=False).last_hidden_state
-        out.append(h[mask].float().cpu())
+        out.extend(_per_sample(h, mask))
     return out
 
 
-def mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def _per_sample(h: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    # h: (B, T, H), mask: (B, T) -> B tensors (tokens_b, H)
+    return [h[b][mask[b]].float().cpu() for b in range(h.shape[0])]
+
+
+def sample_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Mean over samples of cos(flatten(A_s), flatten(B_s)) (the SLM reference's ``cal_sim``)."""
+    sims = [torch.nn.functional.cosine_similarity(x.double().flatten(), y.double().flatten(), dim=0)
+            for x, y in zip(a, b, strict=True)]
+    return float(torch.stack(sims).mean())
+
+
+def token_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Mean over all tokens of the cosine between the two hidden-state vectors of that token."""
     x, y = torch.cat(a).double(), torch.cat(b).double()
     return float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
 
@@ -40,7 +60,7 @@ def linear_cka(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
-SIMILARITIES = {"cosine": mean_cosine, "cka": linear_cka}
+SIMILARITIES = {"sample_cosine": sample_cosine, "token_cosine": token_cosine, "cka": linear_cka}
 
 
 @torch.no_grad()
@@ -52,6 +72,8 @@ def _final_hidden_layerwise(model, batches, device: torch.device) -> list[torch.
     norm = final_norm(model)
     home = next(norm.parameters()).device
     norm.to(device)
-    out = [norm(h.to(device))[b["attention_mask"].to(device).bool()].float().cpu() for h, b in zip(finals, batches)]
+    out = []
+    for h, batch in zip(finals, batches):
+        out.extend(_per_sample(norm(h.to(device)), batch["attention_mask"].to(device).bool()))
     norm.to(home)
     return out

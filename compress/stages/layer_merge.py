@@ -2,20 +2,28 @@
 
 Walk from the top of the network down (the last layer is never touched) with a window
 [low, high] of consecutive layers: merge the window into one layer and compare the merged model's
-output with the original's on the calibration text; while the similarity stays at or above the
-threshold, extend the window down; when it falls below, commit the previous window (if it held
+final hidden states with the original's on the calibration text; while the similarity stays above
+the threshold, extend the window down; when it falls below, commit the previous window (if it held
 more than one layer) and start a new window right below it. Merge rule as the paper states it:
 θ = θ_low + Σ_{j≠low} (θ_j − θ_low) over the attention and MLP projections; norms stay the low
 layer's. ``merge_rule: top`` reproduces the released code, whose in-place update leaves θ_high.
 
+Reference code: 920927/SLM-a-sliding-layer-merging-method ``SLM.py`` (``cal_sim`` and the
+``while low_lay >= 0`` loop): 10 samples x 128 tokens, threshold 0.72 on ``sample_cosine``.
+
 Sample yaml::
 
-    - layer_merge: {threshold: 0.72}                 # the reference default
+    - layer_merge: {threshold: 0.72}                 # the reference's threshold (sample_cosine)
     - layer_merge: {remove: 7, similarity: cka}      # search the threshold that removes 7 layers
 
-:param threshold: similarity a merged window must keep (0..1).
+:param threshold: similarity a merged window must keep (0..1); its meaning depends on ``similarity``.
 :param remove: instead of a threshold, the number of layers to remove (threshold found by bisection).
-:param similarity: ``cosine`` (final hidden states, as the reference code) or ``cka`` (linear CKA).
+:param similarity: ``sample_cosine`` (default; per sample, cosine of the flattened tokens x hidden
+    final hidden states, mean over samples: the reference code's measure, for which 0.72 was
+    chosen), ``token_cosine`` (mean per-token cosine) or ``cka`` (linear CKA, the paper's analysis).
+:param walk: ``paper`` (default; a window is kept while similarity >= threshold, and the last
+    window is committed even when it reaches layer 0) or ``reference`` (the released loop exactly:
+    similarity > threshold, and a window that grows past layer 0 ends the walk uncommitted).
 :param merge_rule: ``delta_sum`` (the paper) or ``top`` (the reference code's effective rule).
 :param calibration: ``same`` (the recipe's windows) or its own ``{path|dataset, samples, seq_len}``;
     the reference code uses 10 samples x 128 tokens, and the search runs the model once per
@@ -25,9 +33,11 @@ Sample yaml::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 
 from compress.data.sources import CalibrationConfig
 from compress.importance.similarity import SIMILARITIES, final_hidden_states
@@ -39,7 +49,8 @@ from compress.surgery import decoder_layers, merge_layers, merged_view
 class LayerMergeConfig(StageConfig):
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     remove: int | None = Field(None, ge=1)
-    similarity: Literal["cosine", "cka"] = "cosine"
+    similarity: Literal["sample_cosine", "token_cosine", "cka"] = "sample_cosine"
+    walk: Literal["paper", "reference"] = "paper"
     merge_rule: Literal["delta_sum", "top"] = "delta_sum"
     search_steps: int = Field(14, ge=1, le=40)
     execution: Literal["auto", "full", "layerwise"] = "auto"  # as in layer_removal
@@ -53,21 +64,31 @@ class LayerMergeConfig(StageConfig):
 
 
 def slm_windows(model, batches, reference, threshold: float, similarity: str, rule: str,
-                layerwise_on=None) -> list[tuple[int, int]]:
-    """The windows SLM commits at ``threshold`` (current layer numbering, top window first)."""
+                layerwise_on=None, walk: str = "paper",
+                on_try: Callable[[], Any] | None = None) -> list[tuple[int, int]]:
+    """The windows SLM commits at ``threshold`` (current layer numbering, top window first).
+
+    ``walk="reference"`` follows the released loop: a window grows while similarity > threshold
+    (not >=), and when it grows past layer 0 the loop ends without committing it. ``on_try`` is
+    called after every candidate window is measured (progress)."""
     measure = SIMILARITIES[similarity]
     committed: list[tuple[int, int]] = []
     high = len(decoder_layers(model)) - 2  # the last layer is never merged
     while high > 0:
-        best = high
-        while best - 1 >= 0:
-            with merged_view(model, committed + [(best - 1, high)], rule):
-                if measure(reference, final_hidden_states(model, batches, layerwise_on)) < threshold:
-                    break
-            best -= 1
-        if best < high:
-            committed.append((best, high))
-        high = best - 1
+        low = high  # the window [low, high] kept the similarity
+        while low - 1 >= 0:
+            with merged_view(model, committed + [(low - 1, high)], rule):
+                s = measure(reference, final_hidden_states(model, batches, layerwise_on))
+            if on_try is not None:
+                on_try()
+            if (s <= threshold) if walk == "reference" else (s < threshold):
+                break
+            low -= 1
+        if low == 0 and walk == "reference":
+            break  # the reference's `while low_lay >= 0` exits here: [0, high] is never merged
+        if low < high:
+            committed.append((low, high))
+        high = low - 1
     return committed
 
 
@@ -96,16 +117,23 @@ class LayerMerge:
                     f"last layer and keeps one per window (max {facts.num_layers - 2})"]
         return []
 
-    def search(self, model, batches, reference, log, where=None) -> tuple[float, list[tuple[int, int]]]:
+    def search(self, model, batches, reference, log, where=None,
+               bar=None) -> tuple[float, list[tuple[int, int]]]:
         """Bisect the threshold so that SLM removes ``remove`` layers (closest from below if exact
         is not reachable)."""
         c = self.config
         lo, hi, best = 0.0, 1.0, (1.0, [])
-        for _ in range(c.search_steps):
+        tick = bar.update if bar is not None else None
+        for step in range(c.search_steps):
             mid = (lo + hi) / 2
-            windows = slm_windows(model, batches, reference, mid, c.similarity, c.merge_rule, where)
+            if bar is not None:
+                bar.set_description(f"layer_merge search step {step + 1}/{c.search_steps}, threshold {mid:.5f}")
+            windows = slm_windows(model, batches, reference, mid, c.similarity, c.merge_rule, where,
+                                  c.walk, tick)
             n = removed_count(windows)
             log.info("layer_merge: threshold %.5f removes %d layers", mid, n)
+            if bar is not None:
+                bar.set_postfix(removes=n, target=c.remove)
             if n <= c.remove and n >= removed_count(best[1]):
                 best = (mid, windows)
             if n == c.remove:
@@ -119,18 +147,21 @@ class LayerMerge:
         num_layers = len(decoder_layers(model))
         where = layerwise_target(model, ctx.device, c.execution)
         reference = final_hidden_states(model, ctx.calibration, where)
-        if c.threshold is not None:
-            threshold = c.threshold
-            windows = slm_windows(model, ctx.calibration, reference, threshold, c.similarity, c.merge_rule, where)
-        else:
-            threshold, windows = self.search(model, ctx.calibration, reference, ctx.log, where)
+        with tqdm(desc="layer_merge", unit="window", disable=not ctx.progress) as bar:
+            if c.threshold is not None:
+                threshold = c.threshold
+                windows = slm_windows(model, ctx.calibration, reference, threshold, c.similarity,
+                                      c.merge_rule, where, c.walk, bar.update)
+            else:
+                threshold, windows = self.search(model, ctx.calibration, reference, ctx.log, where, bar)
         removed = merge_layers(model, windows, c.merge_rule)
         groups = [[ctx.original_layer_ids[j] for j in range(low, high + 1)] for low, high in sorted(windows)]
         return StageRecord(
             stage=self.name,
             summary=f"merged {len(windows)} window(s) {groups} (original indices): {num_layers} -> "
-                    f"{num_layers - len(removed)} layers, {c.similarity} >= {threshold:.4f}, {c.merge_rule}",
-            details={"threshold": threshold, "similarity": c.similarity, "merge_rule": c.merge_rule,
+                    f"{num_layers - len(removed)} layers, {c.similarity} {'>' if c.walk == 'reference' else '>='} "
+                    f"{threshold:.4f}, {c.merge_rule}, {c.walk} walk",
+            details={"threshold": threshold, "similarity": c.similarity, "walk": c.walk, "merge_rule": c.merge_rule,
                      "windows": sorted(windows), "merged_groups_original": groups},
             replay={"windows": sorted(windows), "rule": c.merge_rule},
             removed_layers=removed,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.importance.similarity import final_hidden_states, linear_cka, mean_cosine
+from compress.importance.similarity import final_hidden_states, linear_cka, sample_cosine, token_cosine
 from compress.stages.base import ModelFacts, StageContext
 from compress.stages.layer_merge import LayerMerge, LayerMergeConfig, slm_windows
-from compress.surgery import _merge_params, decoder_layers, merge_layers, merged_weights
+from compress.surgery import _merge_params, decoder_layers, merge_layers, merged_view, merged_weights
 from conftest import tiny_model
 
 IDS = torch.randint(1, 320, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -64,8 +65,11 @@ def test_merged_model_bookkeeping_reload_and_cached_generation(tmp_path):
 def test_walk_never_touches_the_last_layer_and_threshold_zero_merges_everything_else():
     model = tiny_model("llama", 5)
     ref = final_hidden_states(model, CAL)
-    assert slm_windows(model, CAL, ref, 0.0, "cosine", "delta_sum") == [(0, 3)]
-    assert slm_windows(model, CAL, ref, 1.0 + 1e-9, "cosine", "delta_sum") == []
+    assert slm_windows(model, CAL, ref, 0.0, "token_cosine", "delta_sum") == [(0, 3)]
+    assert slm_windows(model, CAL, ref, 1.0 + 1e-9, "token_cosine", "delta_sum") == []
+    # the reference loop ends without committing a window that grows past layer 0
+    assert slm_windows(model, CAL, ref, -1.0, "sample_cosine", "delta_sum", walk="paper") == [(0, 3)]
+    assert slm_windows(model, CAL, ref, -1.0, "sample_cosine", "delta_sum", walk="reference") == []
 
 
 def test_remove_search_hits_the_count_records_originals_and_replays():
@@ -81,9 +85,120 @@ def test_remove_search_hits_the_count_records_originals_and_replays():
 
 def test_similarity_measures():
     a = [torch.randn(20, 8, generator=torch.Generator().manual_seed(0))]
-    assert mean_cosine(a, a) == pytest.approx(1.0) and linear_cka(a, a) == pytest.approx(1.0)
+    assert token_cosine(a, a) == pytest.approx(1.0) and linear_cka(a, a) == pytest.approx(1.0)
     assert linear_cka(a, [2 * a[0] + 3]) == pytest.approx(1.0)  # invariant to scale and shift
-    assert mean_cosine(a, [-a[0]]) == pytest.approx(-1.0)
+    assert token_cosine(a, [-a[0]]) == pytest.approx(-1.0)
+
+
+def test_sample_cosine_is_the_cosine_of_each_flattened_sample_averaged():
+    gen = torch.Generator().manual_seed(1)
+    a = [torch.randn(t, 6, generator=gen) for t in (5, 3, 7)]  # samples of different lengths
+    b = [x + 0.8 * torch.randn(x.shape, generator=gen) for x in a]
+    b[1][0] *= 30  # one token with a large norm: it dominates its sample's flattened cosine
+    per_sample = []
+    for x, y in zip(a, b):
+        u, v = x.reshape(-1).tolist(), y.reshape(-1).tolist()
+        dot = sum(p * q for p, q in zip(u, v))
+        per_sample.append(dot / (sum(p * p for p in u) ** 0.5 * sum(q * q for q in v) ** 0.5))
+    assert sample_cosine(a, b) == pytest.approx(sum(per_sample) / 3, abs=1e-12)
+    assert abs(sample_cosine(a, b) - token_cosine(a, b)) > 0.01  # not the per-token mean
+
+
+def test_final_hidden_states_are_hf_hidden_states_last_per_sample_without_padding():
+    model = tiny_model("llama", 3)
+    ids = torch.randint(1, 320, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])  # right padding on the second row
+    got = final_hidden_states(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert [tuple(g.shape) for g in got] == [(6, 64), (4, 64)]
+    with torch.no_grad():  # the reference's outputs.hidden_states[-1] (after the final norm)
+        for row, n in ((0, 6), (1, 4)):
+            hs = model(ids[row:row + 1, :n], output_hidden_states=True).hidden_states[-1][0]
+            torch.testing.assert_close(got[row], hs, rtol=1e-5, atol=1e-5)
+
+
+THRESHOLDS = (-1.0, 0.3, 0.4, 0.6, 0.9)
+
+
+def reference_slm(model, prompts: torch.Tensor, threshold: float, rule: str, strict: bool = True,
+                  commit_last: bool = False) -> list[tuple[int, int]]:
+    """The SLM reference loop transcribed (920927/SLM-a-sliding-layer-merging-method, SLM.py at
+    b8229d0: ``cal_sim``, ``merge_layers_return_model`` and the ``while low_lay >= 0`` loop; batch
+    size 1). ``strict=False, commit_last=True`` is the variant our ``walk: paper`` implements."""
+    def merge_layers_return_model(m, low_lay, high_lay):
+        m = copy.deepcopy(m)
+        if low_lay < high_lay:  # the reference adds nothing and deletes nothing otherwise
+            merge_layers(m, [(low_lay, high_lay)], rule)
+        return m
+
+    def last_hidden(m):
+        with torch.no_grad():
+            return [m(prompts[i:i + 1], output_hidden_states=True, use_cache=False).hidden_states[-1]
+                    for i in range(len(prompts))]
+
+    def cal_sim(hidden_states, model2):
+        sims = [torch.cosine_similarity(h1.squeeze(0).flatten().unsqueeze(0), h2.squeeze(0).flatten().unsqueeze(0))
+                for h1, h2 in zip(hidden_states, last_hidden(model2))]
+        return sum(s.item() for s in sims) / len(sims)
+
+    hidden_states1 = last_hidden(model)
+    short_model, records = model, []
+    high_lay = len(decoder_layers(model)) - 1 - 1
+    low_lay = high_lay - 1
+    while low_lay >= 0:
+        sim_value = cal_sim(hidden_states1, merge_layers_return_model(short_model, low_lay, high_lay))
+        if sim_value > threshold or (not strict and sim_value == threshold):
+            low_lay -= 1
+        else:
+            if low_lay + 1 != high_lay:
+                short_model = merge_layers_return_model(short_model, low_lay + 1, high_lay)
+                records.append(list(range(low_lay + 1, high_lay + 1)))
+                high_lay = low_lay
+            else:
+                high_lay -= 1
+                low_lay -= 1
+    if commit_last and low_lay + 1 < high_lay:
+        records.append(list(range(low_lay + 1, high_lay + 1)))
+    return [(r[0], r[-1]) for r in records if r]
+
+
+def test_walks_choose_the_windows_of_the_transcribed_reference_loop():
+    model = tiny_model("llama", 7)
+    prompts = torch.randint(1, 320, (2, 8), generator=torch.Generator().manual_seed(4))
+    cal = [{"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}]
+    ref = final_hidden_states(model, cal)
+    seen = set()
+    for t in THRESHOLDS:
+        ours = slm_windows(model, cal, ref, t, "sample_cosine", "delta_sum", walk="reference")
+        assert ours == reference_slm(model, prompts, t, "delta_sum"), t
+        paper = slm_windows(model, cal, ref, t, "sample_cosine", "delta_sum", walk="paper")
+        assert paper == reference_slm(model, prompts, t, "delta_sum", strict=False, commit_last=True), t
+        seen.add((tuple(ours), tuple(paper)))
+    assert len(seen) == len(THRESHOLDS)  # every threshold makes a different choice
+
+
+def test_reference_walk_needs_strictly_more_than_the_threshold():
+    model = tiny_model("llama", 5)
+    ref = final_hidden_states(model, CAL)
+    with merged_view(model, [(2, 3)], "delta_sum"):  # the first window the walk tries
+        tie = sample_cosine(ref, final_hidden_states(model, CAL))
+    assert slm_windows(model, CAL, ref, tie, "sample_cosine", "delta_sum", walk="paper")[0][1] == 3
+    assert all(high < 3 for _, high in slm_windows(model, CAL, ref, tie, "sample_cosine", "delta_sum",
+                                                    walk="reference"))
+
+
+def test_progress_bar_counts_the_windows_tried_and_respects_progress(capsys):
+    model, twin = tiny_model("llama", 6), tiny_model("llama", 6)
+    tried = []
+    slm_windows(model, CAL, final_hidden_states(model, CAL), 0.5, "sample_cosine", "delta_sum",
+                on_try=lambda: tried.append(1))
+    capsys.readouterr()
+    LayerMerge(LayerMergeConfig(threshold=0.5)).apply(model, ctx(6))
+    assert capsys.readouterr().err == ""  # progress=False: silent
+    loud = StageContext(CAL, None, torch.device("cpu"), list(range(6)), logging.getLogger("t"), progress=True)
+    LayerMerge(LayerMergeConfig(threshold=0.5)).apply(twin, loud)
+    err = capsys.readouterr().err
+    assert "layer_merge" in err and f"{len(tried)}window" in err
+    assert len(tried) >= 2
 
 
 def test_checks_and_config():
@@ -91,6 +206,12 @@ def test_checks_and_config():
     with pytest.raises(ValueError, match="give exactly one of threshold"):
         LayerMergeConfig(threshold=0.7, remove=2)
     assert LayerMerge(LayerMergeConfig(threshold=0.72)).layers_removed(30) == 0
+    defaults = LayerMergeConfig(threshold=0.72)  # the reference's threshold goes with its measure
+    assert (defaults.similarity, defaults.walk, defaults.merge_rule) == ("sample_cosine", "paper", "delta_sum")
+    with pytest.raises(ValueError, match="walk"):
+        LayerMergeConfig(threshold=0.72, walk="slm")
+    with pytest.raises(ValueError, match="extra"):
+        LayerMergeConfig(threshold=0.72, treshold=0.5)
 
 
 def test_pipeline_provenance_for_a_merge(tmp_path, tiny_model_dir, text_file):
@@ -120,8 +241,8 @@ def test_layerwise_merge_search_equals_the_full_path():
     for a, b in zip(full_ref, lw_ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for t in (0.5, 0.8, 0.95):
-        assert slm_windows(model, CAL, full_ref, t, "cosine", "delta_sum") == \
-            slm_windows(model, CAL, lw_ref, t, "cosine", "delta_sum", cpu)
+        assert slm_windows(model, CAL, full_ref, t, "sample_cosine", "delta_sum") == \
+            slm_windows(model, CAL, lw_ref, t, "sample_cosine", "delta_sum", cpu)
 
 
 def test_own_calibration_set_is_used(tmp_path, tiny_model_dir, text_file):
