@@ -19,7 +19,8 @@ import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
-LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "logbar", "bitsandbytes", "optimum")
+LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "logbar", "bitsandbytes", "optimum", "tokenicer",
+           "defuser")
 MODULES = r"(torchao|gptqmodel|logbar|bitsandbytes|optimum|defuser|tokenicer)(\.|$)"
 
 
@@ -30,6 +31,7 @@ def quiet_backends() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=MODULES)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:

@@ -24,8 +24,10 @@ is what ships. Needs ``pip install -e '.[gptq]'`` (gptqmodel + optimum).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +120,8 @@ class GPTQ:
                      c.bits, c.group_size, c.desc_act, c.sym, c.damp_percent, len(calibration), device, version)
         quant = QuantizeConfig(bits=c.bits, group_size=c.group_size, desc_act=c.desc_act, sym=c.sym,
                                damp_percent=c.damp_percent)
-        with quiet_backends():
+        # GPTQModel draws its progress bars on stdout, where `compress run` prints the stage table
+        with quiet_backends(), contextlib.redirect_stdout(sys.stderr):
             gm = GPTQModel.load(str(work / "float"), quant, device=str(device))
             gm.quantize(calibration, batch_size=1)
             gm.save(str(work / "gptq"))
