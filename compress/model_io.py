@@ -207,7 +207,11 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
     ``allow_pickle`` (``pickle_hint`` says how the caller turns that on). With a ``device_map``
     accelerate places the weights. A tensor missing, unexpected or of another shape is an error."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from compress.quiet import auto_model_class
+
+    AutoModelForCausalLM = auto_model_class()
 
     log.info("loading %s (dtype %s) onto %s%s", model, str(dtype).removeprefix("torch."),
              device_map or device, " with trust_remote_code" if trust_remote_code else "")
@@ -229,20 +233,22 @@ def load_model(model: str, *, dtype: torch.dtype, device: torch.device, revision
 
 
 def load_quantized(folder: Path, device) -> Any:
-    """A quantized checkpoint (its config's quantization_config says how), placed on ``device``."""
-    from transformers import AutoModelForCausalLM
+    """A quantized checkpoint (its config's quantization_config says how), placed on ``device``;
+    the backend transformers imports for it (GPTQModel, bitsandbytes) is kept quiet."""
+    from compress.quiet import auto_model_class, quiet_backends
 
-    net, info = AutoModelForCausalLM.from_pretrained(folder, device_map=str(device), output_loading_info=True)
+    with quiet_backends():
+        net, info = auto_model_class().from_pretrained(folder, device_map=str(device), output_loading_info=True)
     check_loading_info(str(folder), info, getattr(net.config, "num_hidden_layers", 0))
     return net.eval()
 
 
 def estimated_weight_bytes(config, dtype: torch.dtype) -> int:
     """Bytes the model's weights take in ``dtype``, from its config alone (built on the meta device)."""
-    from transformers import AutoModelForCausalLM
+    from compress.quiet import auto_model_class
 
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config)
+        net = auto_model_class().from_config(config)
     return sum(p.numel() for p in net.parameters()) * torch.finfo(dtype).bits // 8
 
 

@@ -168,8 +168,30 @@ def test_cli_validate_checks_against_the_model_without_loading_weights(tmp_path,
     assert "ok (1 stage(s): layer_removal; model llama with 5 layers" in result.output
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+# The hub models' shapes (their config.json), so gated hub recipes are checked offline too.
+HUB_FACTS = {
+    "meta-llama/Llama-2-7b-hf": ModelFacts("llama", 32, 32, 32, 11008, hidden_size=4096),
+    "meta-llama/Llama-2-13b-hf": ModelFacts("llama", 40, 40, 40, 13824, hidden_size=5120),
+}
+SHIPPED = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+
+
+def test_every_recipe_file_is_checked():
+    assert {"quickstart.yaml", "quickstart-gptq.yaml", "quickstart-merge.yaml", "quickstart-heads.yaml",
+            "quickstart-width.yaml", "llama2-7b-gptq-27pct.yaml", "llama2-7b-bnb4-27pct.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipes_validate(name, monkeypatch, assets):
+    """Every recipes/*.yaml loads and passes the checks against its model's config."""
+    from compress.model_io import model_facts, read_config
+
     monkeypatch.setenv("COMPRESS_ASSETS", str(assets))
     recipe = load_recipe(REPO / "recipes" / name)
     assert recipe.stages and recipe.save
+    assert recipe.output.parent == REPO / "runs"
+    if recipe.model_is_local:
+        facts = model_facts(read_config(recipe.model, recipe.revision, recipe.trust_remote_code))
+    else:
+        facts = HUB_FACTS[recipe.model]
+    check_against_model(recipe, facts)

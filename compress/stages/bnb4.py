@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from compress.errors import CompressError
+from compress.quiet import auto_model_class, quiet_backends, quiet_import
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -35,8 +36,9 @@ class BnB4Config(StageConfig):
 
 
 def _bnb_version() -> str:
+    """bitsandbytes, imported only when the stage runs (its missing-kernel notices kept quiet)."""
     try:
-        import bitsandbytes
+        bitsandbytes = quiet_import("bitsandbytes")
     except ImportError:
         raise CompressError("stage bnb4 needs bitsandbytes: pip install -e '.[quant]' "
                             "(or pip install 'bitsandbytes>=0.48')") from None
@@ -74,8 +76,6 @@ class BnB4:
                                   llm_int8_skip_modules=list(c.skip_modules))
 
     def apply(self, model, ctx: StageContext) -> StageRecord:
-        from transformers import AutoModelForCausalLM
-
         start = time.perf_counter()
         version = _bnb_version()
         device = next(model.parameters()).device
@@ -85,9 +85,10 @@ class BnB4:
             model.save_pretrained(tmp)
             ctx.log.info("bnb4: quantizing to %s (double quant %s, compute %s) on %s",
                          self.config.quant_type, self.config.double_quant, self.config.compute_dtype, device)
-            quantized = AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=self.quantization_config(), dtype=dtype,
-                device_map=str(device)).eval()
+            with quiet_backends():
+                quantized = auto_model_class().from_pretrained(
+                    tmp, quantization_config=self.quantization_config(), dtype=dtype,
+                    device_map=str(device)).eval()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         c = self.config

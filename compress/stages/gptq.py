@@ -24,8 +24,10 @@ is what ships. Needs ``pip install -e '.[gptq]'`` (gptqmodel + optimum).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 import time
@@ -36,6 +38,7 @@ from pydantic import Field
 
 from compress.data.sources import CalibrationConfig
 from compress.errors import CompressError
+from compress.quiet import auto_model_class, quiet_backends, quiet_import
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 
 GPTQ_FILES = ("config.json", "quantize_config.json", "generation_config.json")
@@ -53,14 +56,14 @@ class GPTQConfig(StageConfig):
 
 
 def _backend():
+    """GPTQModel, imported only when the stage runs (its banner and torchao's notices kept quiet)."""
     try:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-        import gptqmodel
-        from gptqmodel import GPTQModel, QuantizeConfig
+        gptqmodel = quiet_import("gptqmodel")
     except ImportError:
         raise CompressError("stage gptq needs GPTQModel: pip install -e '.[gptq]' "
                             "(gptqmodel==7.6.0 and optimum)") from None
-    return gptqmodel.__version__, GPTQModel, QuantizeConfig
+    return gptqmodel.__version__, gptqmodel.GPTQModel, gptqmodel.QuantizeConfig
 
 
 def _layer_losses(folder: Path) -> dict[str, float]:
@@ -104,8 +107,6 @@ class GPTQ:
         return []
 
     def apply(self, model, ctx: StageContext) -> StageRecord:
-        from transformers import AutoModelForCausalLM
-
         start = time.perf_counter()
         version, GPTQModel, QuantizeConfig = _backend()
         c = self.config
@@ -120,15 +121,17 @@ class GPTQ:
                      c.bits, c.group_size, c.desc_act, c.sym, c.damp_percent, len(calibration), device, version)
         quant = QuantizeConfig(bits=c.bits, group_size=c.group_size, desc_act=c.desc_act, sym=c.sym,
                                damp_percent=c.damp_percent)
-        gm = GPTQModel.load(str(work / "float"), quant, device=str(device))
-        gm.quantize(calibration, batch_size=1)
-        gm.save(str(work / "gptq"))
-        del gm
-        shutil.rmtree(work / "float", ignore_errors=True)
-        # the temporary folder goes once save() has copied it, or at the latest when the process exits
-        self._cleanup = weakref.finalize(self, shutil.rmtree, work, True)
-        self._saved = work / "gptq"
-        quantized = AutoModelForCausalLM.from_pretrained(self._saved, device_map=str(device)).eval()
+        # GPTQModel draws its progress bars on stdout, where `compress run` prints the stage table
+        with quiet_backends(), contextlib.redirect_stdout(sys.stderr):
+            gm = GPTQModel.load(str(work / "float"), quant, device=str(device))
+            gm.quantize(calibration, batch_size=1)
+            gm.save(str(work / "gptq"))
+            del gm
+            shutil.rmtree(work / "float", ignore_errors=True)
+            # the temporary folder goes once save() has copied it, or at the latest when the process exits
+            self._cleanup = weakref.finalize(self, shutil.rmtree, work, True)
+            self._saved = work / "gptq"
+            quantized = auto_model_class().from_pretrained(self._saved, device_map=str(device)).eval()
         losses = _layer_losses(self._saved)
         return StageRecord(
             stage=self.name,
