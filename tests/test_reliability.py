@@ -110,7 +110,7 @@ def apply(recipe: dict, mutations) -> dict:
 FUZZED: set[str] = set()
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(mutations=st.lists(mutation, min_size=1, max_size=3), text=st.one_of(st.none(), raw_text))
 def test_fuzzed_bad_recipes_fail_with_a_clear_message(tiny_model_dir, text_file, tmp_path_factory,
                                                       no_model_load, mutations, text):
