@@ -44,7 +44,7 @@ from compress.model_io import load_model  # noqa: E402
 from compress.stages.base import StageContext  # noqa: E402
 from compress.stages.gptq import GPTQ, GPTQConfig  # noqa: E402
 
-QUANT = dict(bits=4, group_size=64, sym=True, desc_act=False, damp_percent=0.01)
+QUANT = dict(bits=4, group_size=64, sym=True, desc_act=False, act_group_aware=False, damp_percent=0.01)
 PACKED = ("qweight", "scales", "qzeros", "g_idx")
 
 

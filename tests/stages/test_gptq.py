@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 
 import pytest
 import torch
@@ -53,10 +54,38 @@ def test_gptq_checkpoint_is_standard_and_reloads_exactly(kind, tiny_tokenizer, t
     qc = cfg["quantization_config"]
     assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == \
         ("gptq", "gptq", 4, 32, False, True)
+    local = [s for name in ("config.json", "quantize_config.json")
+             for s in strings_in(json.loads((tmp_path / name).read_text()))
+             if s.startswith("/") or tempfile.gettempdir() in s]
+    assert local == []  # GPTQModel writes meta.offload_to_disk_path, a temporary folder of this machine
     reloaded = GPTQ.load(tmp_path, "cpu")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, q(IDS).logits, rtol=0, atol=0)
     assert record.details["backend"].startswith("gptqmodel") and record.details["calibration_windows"] == 8
+    # 3 layers x (qkv_proj, o_proj, gate_up_proj, down_proj) as vLLM fuses them; all fit Marlin at group 32
+    assert record.details["marlin"] == "all 12 layers" and "vLLM Marlin: all 12 layers" in record.summary
+
+
+def strings_in(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *strings_in(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_per_channel_quantizes_with_classic_gptq(tiny_tokenizer, tmp_path):
+    """group_size -1 (one scale per output channel): GPTQModel 7.6 turns its group-aware reordering
+    on by default, which refuses -1; classic GPTQ (the paper, AutoGPTQ) is our default."""
+    stage = GPTQ(GPTQConfig(bits=4, group_size=-1))
+    record = stage.apply(model_of("llama", 2), ctx(tiny_tokenizer))
+    q_proj = decoder_layers(record.new_model)[0].self_attn.q_proj
+    assert tuple(q_proj.scales.shape) == (1, 128)  # one group spanning all 128 input columns
+    assert record.details["act_group_aware"] is False and record.details["group_size"] == -1
+    assert "act_group_aware False" in record.summary
+    stage.save(record.new_model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qc["group_size"], qc["meta"]["act_group_aware"]) == (-1, False)
 
 
 def rtn(model, bits: int, group: int):
@@ -109,6 +138,9 @@ def test_pipeline_prune_then_gptq_resumes_from_its_checkpoint(tmp_path, tiny_tok
     ckpt = tmp_path / "run/checkpoints/gptq"
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
     assert (ckpt / "quantize_config.json").exists() and (ckpt / "tokenizer.json").exists()
+    gptq = next(st for st in json.loads((ckpt / "compress.json").read_text())["stages"] if st["name"] == "gptq")
+    assert (gptq["details"]["act_group_aware"], gptq["details"]["marlin"]) == (False, "all 12 layers")
+    assert "act_group_aware False" in rows[2]["summary"] and "vLLM Marlin: all 12 layers" in rows[2]["summary"]
 
 
 def test_gptq_with_its_own_calibration_needs_no_recipe_calibration(tmp_path, tiny_model_dir, text_file):
@@ -145,3 +177,57 @@ def test_group_size_must_divide_the_layer_widths():
     msg = GPTQ(GPTQConfig(group_size=128)).check(facts)
     assert msg == ["group_size: 128 does not divide hidden_size 576 (the int4 kernels need whole groups); use 64 or -1"]
     assert GPTQ(GPTQConfig(group_size=64)).check(facts) == [] and GPTQ(GPTQConfig(group_size=-1)).check(facts) == []
+
+
+def recipe_problems(folder, model_dir, options: dict) -> list[str]:
+    """The problems load_recipe lists for a recipe whose only stage is gptq with ``options``."""
+    from compress.errors import CompressError
+    from compress.recipe import load_recipe
+
+    body = {"model": str(model_dir), "output": "o", "calibration": {"dataset": "pg19", "samples": 2, "seq_len": 16},
+            "stages": [{"gptq": options}]}
+    (folder / "r.yaml").write_text(yaml.safe_dump(body))
+    with pytest.raises(CompressError) as e:
+        load_recipe(folder / "r.yaml")
+    return [line.removeprefix("  - ") for line in str(e.value).splitlines()[1:]]
+
+
+def test_act_group_aware_with_per_channel_is_a_recipe_error(tmp_path, tiny_model_dir, no_model_load):
+    assert recipe_problems(tmp_path, tiny_model_dir, {"group_size": -1, "act_group_aware": True}) == [
+        "stages[0].gptq: act_group_aware: true needs groups (group_size 32, 64 or 128); "
+        "with group_size: -1 use act_group_aware: false"]
+    assert recipe_problems(tmp_path, tiny_model_dir, {"desc_act": True, "act_group_aware": True}) == [
+        "stages[0].gptq: act_group_aware: true and desc_act: true exclude each other (GPTQModel); choose one"]
+
+
+def test_asymmetric_quantization_is_refused_with_the_reason(tmp_path, tiny_model_dir, no_model_load):
+    assert recipe_problems(tmp_path, tiny_model_dir, {"sym": False}) == [
+        "stages[0].gptq.sym: false is not supported: the checkpoint is written in the v1 `gptq` "
+        "format, whose asymmetric zero points vLLM and other v1 readers mis-dequantize "
+        "(optimum: gptq v1 supports only sym=True); use sym: true (got False)"]
+
+
+def test_local_paths_are_dropped_from_json_and_named():
+    from compress.stages.gptq import without_local_paths
+
+    cfg = {"bits": 4, "meta": {"offload_to_disk_path": "/tmp/gptqmodel_x", "uri": "https://github.com/modelcloud/gptqmodel",
+                               "files": ["a.bin", "/home/me/b.bin", {"cache": "C:relative", "dir": "file:///scratch/t/c"}]},
+           "dynamic": {"-:.*mlp": {}}}
+    clean, dropped = without_local_paths(cfg, "/scratch/t")
+    assert clean == {"bits": 4, "meta": {"uri": "https://github.com/modelcloud/gptqmodel",
+                                         "files": ["a.bin", {"cache": "C:relative"}]}, "dynamic": {"-:.*mlp": {}}}
+    assert dropped == ["meta.offload_to_disk_path", "meta.files.[1]", "meta.files.[2].dir"]
+
+
+def test_the_record_names_the_layers_vllm_runs_off_marlin():
+    """Act-order keeps vLLM's strict Marlin tile check: in_features 64 (hidden size) misses it."""
+    from compress.stages.gptq import _marlin
+    from conftest import tiny_model
+
+    phrase, fields = _marlin(tiny_model("llama", 2), GPTQConfig(group_size=32, desc_act=True))
+    assert phrase == "vLLM Marlin: 6 of 8 layers fall back (details.marlin)"
+    assert fields["marlin"] == [
+        f"model.layers.{i}.{name} (out {out}, in 64): in_features 64 is not a multiple of 128 (Marlin min_thread_k)"
+        for i in range(2) for name, out in (("self_attn.qkv_proj", 128), ("self_attn.o_proj", 64), ("mlp.gate_up_proj", 256))]
+    assert _marlin(tiny_model("llama", 2), GPTQConfig(group_size=32))[1] == {
+        "marlin": "all 8 layers", "marlin_without_tile_padding": fields["marlin"]}
