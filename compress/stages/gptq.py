@@ -166,6 +166,19 @@ def _layer_losses(folder: Path) -> dict[str, float]:
     return {f"{r.get('layer', '?')}.{r.get('module', '?')}": float(r[key]) for r in rows if r.get(key)}
 
 
+def _run_gptqmodel(GPTQModel, quant, work: Path, calibration: list[dict], device) -> list[str]:
+    """GPTQModel quantizes ``work/float`` and saves ``work/gptq`` (the float copy then goes);
+    returns the machine-local paths stripped from its JSON files."""
+    # GPTQModel draws its progress bars on stdout, where `compress run` prints the stage table
+    with quiet_backends(), contextlib.redirect_stdout(sys.stderr):
+        gm = GPTQModel.load(str(work / "float"), quant, device=str(device))
+        gm.quantize(calibration, batch_size=1)
+        gm.save(str(work / "gptq"))
+    del gm
+    shutil.rmtree(work / "float", ignore_errors=True)
+    return _strip_local_paths(work / "gptq")
+
+
 class GPTQ:
     name: ClassVar[str] = "gptq"
     Config: ClassVar = GPTQConfig
@@ -200,26 +213,26 @@ class GPTQ:
         batches = ctx.calibration[: c.samples] if c.samples else ctx.calibration
         calibration = [{"input_ids": row[None], "attention_mask": mask[None]}
                        for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"])]
-        work = Path(tempfile.mkdtemp(prefix="compress-gptq-"))
-        model.save_pretrained(work / "float")
-        ctx.tokenizer.save_pretrained(work / "float")
         ctx.log.info("gptq: %d-bit, group %d, desc_act %s, act_group_aware %s, sym %s, damp %.3f on %d "
                      "calibration windows (%s, GPTQModel %s)", c.bits, c.group_size, c.desc_act,
                      c.act_group_aware, c.sym, c.damp_percent, len(calibration), device, version)
         quant = QuantizeConfig(bits=c.bits, group_size=c.group_size, desc_act=c.desc_act, sym=c.sym,
                                act_group_aware=c.act_group_aware, damp_percent=c.damp_percent)
-        # GPTQModel draws its progress bars on stdout, where `compress run` prints the stage table
-        with quiet_backends(), contextlib.redirect_stdout(sys.stderr):
-            gm = GPTQModel.load(str(work / "float"), quant, device=str(device))
-            gm.quantize(calibration, batch_size=1)
-            gm.save(str(work / "gptq"))
-            del gm
-            stripped = _strip_local_paths(work / "gptq")
-            shutil.rmtree(work / "float", ignore_errors=True)
-            # the temporary folder goes once save() has copied it, or at the latest when the process exits
-            self._cleanup = weakref.finalize(self, shutil.rmtree, work, True)
+        work = Path(tempfile.mkdtemp(prefix="compress-gptq-"))
+        # the temporary folder goes once save() has copied it, when quantization fails, or at the
+        # latest when the process exits
+        self._cleanup = weakref.finalize(self, shutil.rmtree, work, True)
+        try:
+            model.save_pretrained(work / "float")
+            ctx.tokenizer.save_pretrained(work / "float")
+            stripped = _run_gptqmodel(GPTQModel, quant, work, calibration, device)
             self._saved = work / "gptq"
-            quantized = auto_model_class().from_pretrained(self._saved, device_map=str(device)).eval()
+            with quiet_backends(), contextlib.redirect_stdout(sys.stderr):
+                quantized = auto_model_class().from_pretrained(self._saved, device_map=str(device)).eval()
+        except BaseException:
+            self._saved = None
+            self._cleanup()
+            raise
         losses = _layer_losses(self._saved)
         return StageRecord(
             stage=self.name,

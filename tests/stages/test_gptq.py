@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,23 @@ def test_the_record_names_the_layers_vllm_runs_off_marlin():
         for i in range(2) for name, out in (("self_attn.qkv_proj", 128), ("self_attn.o_proj", 64), ("mlp.gate_up_proj", 256))]
     assert _marlin(tiny_model("llama", 2), GPTQConfig(group_size=32))[1] == {
         "marlin": "all 8 layers", "marlin_without_tile_padding": fields["marlin"]}
+
+
+def test_a_failed_quantization_leaves_no_temporary_copy(tiny_tokenizer, monkeypatch):
+    """The float copy handed to GPTQModel (the model's full size) goes even when GPTQModel raises."""
+    import tempfile as tmp
+
+    import gptqmodel
+
+    made, real_mkdtemp = [], tmp.mkdtemp
+
+    def spy(*a, **k):
+        path = real_mkdtemp(*a, **k)
+        made.extend([path] if "compress-gptq" in path else [])
+        return path
+    monkeypatch.setattr(tmp, "mkdtemp", spy)
+    monkeypatch.setattr(gptqmodel.GPTQModel, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    stage = GPTQ(GPTQConfig(bits=4, group_size=32))
+    with pytest.raises(RuntimeError, match="boom"):
+        stage.apply(model_of("llama", 1), ctx(tiny_tokenizer))
+    assert len(made) == 1 and not Path(made[0]).exists() and stage._saved is None
