@@ -138,6 +138,7 @@ def model_facts(config) -> ModelFacts:
         quantized=getattr(config, "quantization_config", None) is not None,
         hidden_size=getattr(config, "hidden_size", None),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        head_dim=getattr(config, "head_dim", None),
     )
 
 

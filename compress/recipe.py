@@ -27,7 +27,7 @@ from compress.model_io import local_model_dir, parse_size
 from compress.recipe_text import expand, read_yaml
 from compress.run_folder import output_conflicts
 from compress.stages import STAGES, UNAVAILABLE
-from compress.stages.base import ModelFacts, StageConfig
+from compress.stages.base import ModelFacts, StageConfig, facts_after_stage
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -373,14 +373,16 @@ def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
 
 
 def check_against_model(recipe: Recipe, facts: ModelFacts) -> None:
-    """Checks that need the model's shape (from its config, before weights load)."""
+    """Checks that need the model's shape (from its config, before weights load). Each stage is
+    checked against the shapes the stages before it leave (layers, heads, MLP width)."""
     errors: list[str] = []
-    layers = facts.num_layers
+    current = facts
     for i, spec in enumerate(recipe.stages):
-        stage = STAGES[spec.kind](spec.config)
-        errors.extend(f"stages[{i}].{spec.kind}.{msg}" for msg in stage.check(
-            ModelFacts(**{**facts.__dict__, "num_layers": layers})))
-        layers -= getattr(stage, "layers_removed", lambda n: 0)(layers)
+        stage, key = STAGES[spec.kind](spec.config), f"stages[{i}].{spec.kind}"
+        problems = stage.check(current)
+        errors.extend(f"{key}.{msg}" for msg in problems)
+        if not problems:  # a refused stage: the later ones are checked as if it changed nothing
+            current = facts_after_stage(current, stage.facts_after(current), key)
     errors.extend(_sequence_problems(recipe, facts))
     if errors:
         listed = "\n".join(f"  - {m}" for m in errors)

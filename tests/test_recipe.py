@@ -195,3 +195,82 @@ def test_shipped_recipes_validate(name, monkeypatch, assets):
     else:
         facts = HUB_FACTS[recipe.model]
     check_against_model(recipe, facts)
+
+
+# SmolLM2-135M's config.json shapes: hidden 576, MLP 1536, 9 heads in 3 KV groups, head_dim 64.
+SMOLLM2 = ModelFacts("llama", 30, 9, 3, 1536, hidden_size=576)
+
+
+def refusal(tmp_path, good, stages, facts=SMOLLM2) -> str:
+    """check_against_model's message for ``stages``, or "" when they fit."""
+    good["stages"] = stages
+    try:
+        check_against_model(load_recipe(write(tmp_path, good)), facts)
+    except CompressError as e:
+        return str(e)
+    return ""
+
+
+def test_gptq_group_size_is_checked_against_the_width_pruning_leaves(tmp_path, good):
+    """width_pruning remove: 32 then gptq group 64 used to validate and write down_proj 1504 wide."""
+    msg = refusal(tmp_path, good, [{"width_pruning": {"remove": 32, "multiple_of": 32}},
+                                   {"gptq": {"group_size": 64}}])
+    assert ("  - stages[1].gptq.group_size: 64 does not divide down_proj in_features 1504 (intermediate_size "
+            "after stages[0].width_pruning); the int4 kernels need whole groups: use group_size: 32 or -1, "
+            "or set multiple_of: 64 on stages[0].width_pruning") in msg.splitlines()
+    assert len([line for line in msg.splitlines() if line.startswith("  - ")]) == 1  # the width stage is fine
+    # the same recipe with the default multiple_of (128) is refused at the width stage instead
+    msg = refusal(tmp_path, good, [{"width_pruning": {"remove": 32}}, {"gptq": {"group_size": 64}}])
+    assert "stages[0].width_pruning.remove: removing 32 of 1536 MLP channels leaves 1504, which multiple_of: 128 " \
+           "rounds up to 1536 (nothing removed)" in msg and "stages[1]" not in msg
+
+
+@pytest.mark.parametrize("stages", [
+    [{"width_pruning": {"remove": 32, "multiple_of": 32}}, {"gptq": {"group_size": 32}}],
+    [{"width_pruning": {"remove": 32, "multiple_of": 32}}, {"gptq": {"group_size": -1}}],
+    [{"width_pruning": {"remove": 64, "multiple_of": 64}}, {"gptq": {"group_size": 64}}],
+    [{"width_pruning": {"fraction": 0.25}}, {"gptq": {"group_size": 64}}],  # 1152
+    [{"width_pruning": {"remove": 200}}, {"gptq": {"group_size": 64}}],      # 1336 rounds up to 1408
+    [{"head_pruning": {"remove": 6, "multiple_of": 64}}, {"gptq": {"group_size": 64}}],  # o_proj 192
+    [{"layer_removal": {"remove": 7}}, {"width_pruning": {"fraction": 0.25}}, {"head_pruning": {"remove": 3}},
+     {"gptq": {"group_size": 64}}],
+])
+def test_valid_pruned_shapes_pass_the_quantizer_check(tmp_path, good, stages):
+    assert refusal(tmp_path, good, stages) == ""
+
+
+def test_head_pruning_width_reaches_the_gptq_check(tmp_path, good):
+    facts = ModelFacts("llama", 4, 6, 3, 1024, hidden_size=384, head_dim=64)
+    msg = refusal(tmp_path, good, [{"head_pruning": {"remove": 3, "multiple_of": 64}},
+                                   {"gptq": {"group_size": 128}}], facts)
+    assert ("stages[1].gptq.group_size: 128 does not divide o_proj in_features 192 (3 heads x head_dim 64 after "
+            "stages[0].head_pruning); the int4 kernels need whole groups: use group_size: 64 or -1, or set "
+            "multiple_of: 128 on stages[0].head_pruning") in msg
+    assert refusal(tmp_path, good, [{"head_pruning": {"remove": 3, "multiple_of": 64}},
+                                    {"gptq": {"group_size": 64}}], facts) == ""
+
+
+def test_every_stage_sees_the_shapes_the_earlier_ones_leave(tmp_path, good):
+    msg = refusal(tmp_path, good, [{"layer_removal": {"remove": 20}}, {"width_pruning": {"remove": 1408}},
+                                   {"width_pruning": {"remove": 128}}, {"layer_removal": {"remove": 10}}])
+    # 1536 - 1408 = 128 left, so the second width stage would empty the MLP; 30 - 20 = 10 layers left
+    assert "stages[2].width_pruning.remove: would leave 0 of 128 MLP channels" in msg
+    assert "stages[3].layer_removal.remove: would remove 10 of 10 layers" in msg
+    assert "stages[0]" not in msg and "stages[1]" not in msg
+
+
+def test_a_refused_stage_hands_on_unchanged_shapes(tmp_path, good):
+    msg = refusal(tmp_path, good, [{"width_pruning": {"remove": 1536}}, {"width_pruning": {"remove": 384}}])
+    assert "stages[0].width_pruning.remove: would leave 0 of 1536" in msg and "stages[1]" not in msg
+
+
+def test_llama2_7b_width_pruning_keeps_a_gptq_128_width(tmp_path, good):
+    from compress.stages.width_pruning import WidthPruning, WidthPruningConfig
+
+    facts = HUB_FACTS["meta-llama/Llama-2-7b-hf"]
+    assert WidthPruning(WidthPruningConfig(fraction=0.25)).facts_after(facts).intermediate_size == 8320
+    assert refusal(tmp_path, good, [{"width_pruning": {"fraction": 0.25}}, {"gptq": {"group_size": 128}}],
+                   facts) == ""
+    msg = refusal(tmp_path, good, [{"width_pruning": {"fraction": 0.25, "multiple_of": 64}},
+                                   {"gptq": {"group_size": 128}}], facts)
+    assert "stages[1].gptq.group_size: 128 does not divide down_proj in_features 8256" in msg

@@ -13,6 +13,7 @@ with bitsandbytes >= 0.48, on the CPU. Needs ``pip install bitsandbytes`` (extra
 
 from __future__ import annotations
 
+from dataclasses import replace
 import shutil
 import tempfile
 import time
@@ -64,7 +65,10 @@ class BnB4:
     def check(self, facts: ModelFacts) -> list[str]:
         if facts.quantized:
             return ["the input model is already quantized; bnb4 needs float weights"]
-        return []
+        return []  # bitsandbytes quantizes the flattened weight in blocks: any layer width works
+
+    def facts_after(self, facts: ModelFacts) -> ModelFacts:
+        return replace(facts, quantized=True)
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig

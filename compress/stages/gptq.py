@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 import os
 import shutil
 import sys
@@ -177,6 +178,21 @@ def _run_gptqmodel(GPTQModel, quant, work: Path, calibration: list[dict], device
     del gm
     shutil.rmtree(work / "float", ignore_errors=True)
     return _strip_local_paths(work / "gptq")
+def _group_problems(g: int, facts: ModelFacts) -> list[str]:
+    """group_size must divide every linear's in_features, as the earlier stages leave them: GPTQ
+    quantizes each weight row in groups of ``g`` inputs and the int4 kernels need whole groups."""
+    widths = facts.linear_inputs()  # layer kinds -> (in_features, where it comes from)
+    bad = {kinds: (w, why) for kinds, (w, why) in widths.items() if w and g > 0 and w % g}
+    if not bad:
+        return []
+    fits = [s for s in (128, 64, 32) if all(w % s == 0 for w, _ in widths.values() if w)]
+    fix = f"use group_size: {fits[0]} or -1" if fits else "use group_size: -1"
+    pruned = sorted({facts.shaped_by[shape] for kinds, shape in (("o_proj", "num_attention_heads"),
+                                                                  ("down_proj", "intermediate_size"))
+                     if kinds in bad and shape in facts.shaped_by})  # a pruning stage made that width
+    fix += "".join(f", or set multiple_of: {g} on {stage}" for stage in pruned)
+    listed = "; ".join(f"{kinds} in_features {w} ({why})" for kinds, (w, why) in bad.items())
+    return [f"group_size: {g} does not divide {listed}; the int4 kernels need whole groups: {fix}"]
 
 
 class GPTQ:
@@ -194,15 +210,10 @@ class GPTQ:
     def check(self, facts: ModelFacts) -> list[str]:
         if facts.quantized:
             return ["the input model is already quantized; gptq needs float weights"]
-        g = self.config.group_size
-        dims = {"hidden_size": facts.hidden_size, "intermediate_size": facts.intermediate_size}
-        bad = {k: v for k, v in dims.items() if v and g > 0 and v % g}
-        if bad:
-            fits = [s for s in (128, 64, 32) if all(v % s == 0 for v in dims.values() if v)]
-            return [f"group_size: {g} does not divide {', '.join(f'{k} {v}' for k, v in bad.items())} "
-                    f"(the int4 kernels need whole groups); use {fits[0] if fits else -1}"
-                    + (" or -1" if fits else "")]
-        return []
+        return _group_problems(self.config.group_size, facts)
+
+    def facts_after(self, facts: ModelFacts) -> ModelFacts:
+        return replace(facts, quantized=True)
 
     def apply(self, model, ctx: StageContext) -> StageRecord:
         start = time.perf_counter()

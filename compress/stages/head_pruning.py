@@ -11,15 +11,23 @@ Sample yaml::
 :param remove: query heads to remove per layer (a multiple of the KV head count), or with
     ``kv_groups: true`` the number of whole KV groups (with their query heads) per layer.
 :param fraction: share of query heads (or KV groups) per layer instead of ``remove``.
+:param multiple_of: the kept query width (kept query heads x head_dim: q_proj's output, o_proj's
+    input) must be a multiple of this, default 128 (every GPTQ group size divides it; vLLM's Marlin
+    needs in_features % 128). The check refuses other counts and lists those that fit, instead of
+    rounding as ``width_pruning`` does: a head is head_dim channels, so rounding would change the
+    removal by whole heads per KV group. With head_dim 128 (Llama-2, Qwen3) every count fits; with
+    head_dim 64 the kept head count must be even. ``1`` allows any count.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from compress.errors import CompressError
 from compress.importance.heads import head_scores
 from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
@@ -32,12 +40,18 @@ class HeadPruningConfig(StageConfig):
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
     execution: Literal["auto", "full", "layerwise"] = "auto"  # as in layer_removal
     kv_groups: bool = False
+    multiple_of: int = Field(128, ge=1)  # kept heads x head_dim (o_proj in_features) a multiple of it
 
     @model_validator(mode="after")
     def _one_amount(self):
         if (self.remove is None) == (self.fraction is None):
             raise ValueError("give exactly one of remove, fraction")
         return self
+
+
+def _heads(facts: ModelFacts) -> tuple[int, int, int | None]:
+    """(query heads, KV heads, head_dim) of ``facts``."""
+    return facts.num_attention_heads, facts.num_key_value_heads or facts.num_attention_heads, facts.head_size()
 
 
 class HeadPruning:
@@ -53,7 +67,36 @@ class HeadPruning:
     def count(self, total: int) -> int:
         return self.config.remove if self.config.remove is not None else int(round(self.config.fraction * total))
 
+    def units(self, n_q: int, n_kv: int) -> tuple[int, int]:
+        """(units removed, query heads per unit); a unit is one query head from every KV group, or
+        with ``kv_groups`` one whole KV group."""
+        return (self.count(n_kv), n_q // n_kv) if self.config.kv_groups else (self.count(n_q) // n_kv, n_kv)
+
     def check(self, facts: ModelFacts) -> list[str]:
+        return self._count_problems(facts) or self._multiple_problems(*_heads(facts))
+
+    def _multiple_problems(self, n_q: int, n_kv: int, hd: int | None) -> list[str]:
+        m = self.config.multiple_of
+        if hd is None:
+            return []
+        removed, unit = self.units(n_q, n_kv)
+        if (n_q - removed * unit) * hd % m == 0:
+            return []
+        per = 1 if self.config.kv_groups else unit  # a unit in the recipe's count
+        fits = [u * per for u in range(1, n_q // unit) if (n_q - u * unit) * hd % m == 0]
+        key = "remove" if self.config.remove is not None else "fraction"
+        return [f"{key}: leaves {n_q - removed * unit} query heads x head_dim {hd} = {(n_q - removed * unit) * hd} "
+                f"(o_proj input), not a multiple of multiple_of: {m}; "
+                + (f"use remove: {' or '.join(map(str, fits))}, or " if fits else "")
+                + f"set multiple_of: {hd} (or 1: any count)"]
+
+    def facts_after(self, facts: ModelFacts) -> ModelFacts:
+        n_q, n_kv, hd = _heads(facts)
+        removed, unit = self.units(n_q, n_kv)
+        kv = n_kv - removed if self.config.kv_groups else n_kv
+        return replace(facts, num_attention_heads=n_q - removed * unit, num_key_value_heads=kv, head_dim=hd)
+
+    def _count_problems(self, facts: ModelFacts) -> list[str]:
         if facts.model_type not in WIDTH_TYPES:
             return [f"model type {facts.model_type!r} is not supported; supported: {list(WIDTH_TYPES)}"]
         if facts.quantized:
@@ -92,17 +135,23 @@ class HeadPruning:
         start = time.perf_counter()
         c = model.config
         n_q, n_kv = c.num_attention_heads, c.num_key_value_heads
+        problems = self._multiple_problems(n_q, n_kv, getattr(c, "head_dim", None) or c.hidden_size // n_q)
+        if problems:  # the recipe check refuses this first; direct callers get the same words
+            raise CompressError(f"head_pruning.{problems[0]}")
         ctx.log.info("scoring %d heads x %d layers with %s", n_q, c.num_hidden_layers, self.config.metric)
         scores = head_scores(model, ctx.calibration, self.config.metric,
                              layerwise_target(model, ctx.device, "full" if self.config.metric == "ablation"
                                               else self.config.execution))
         queries, kvs = self.choose(scores, n_q, n_kv)
         remove_heads(model, queries, kvs)
+        kept_width = c.num_attention_heads * c.head_dim
         return StageRecord(
             stage=self.name,
             summary=f"heads per layer {n_q}/{n_kv} -> {c.num_attention_heads}/{c.num_key_value_heads} "
                     f"(query/KV) by {self.config.metric}",
-            details={"metric": self.config.metric, "head_scores": scores.tolist(),
+            details={"metric": self.config.metric, "multiple_of": self.config.multiple_of,
+                     "kept_query_width": kept_width,  # o_proj in_features, a multiple of multiple_of
+                     "head_scores": scores.tolist(),
                      "removed_query_heads": queries, "removed_kv_heads": kvs},
             replay={"query_heads": queries, "kv_heads": kvs},
             wall_s=time.perf_counter() - start,

@@ -32,6 +32,7 @@ Sample yaml::
 
 from __future__ import annotations
 
+from dataclasses import replace
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -107,7 +108,10 @@ class LayerMerge:
         self.config = config
 
     def layers_removed(self, num_layers: int) -> int:
-        return self.config.remove or 0
+        return self.config.remove or 0  # with a threshold the count is known only after the walk
+
+    def facts_after(self, facts: ModelFacts) -> ModelFacts:
+        return replace(facts, num_layers=facts.num_layers - self.layers_removed(facts.num_layers))
 
     def check(self, facts: ModelFacts) -> list[str]:
         if facts.quantized:

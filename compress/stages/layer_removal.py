@@ -20,6 +20,7 @@ Sample yaml::
 
 from __future__ import annotations
 
+from dataclasses import replace
 import time
 from typing import Any, ClassVar, Literal
 
@@ -84,6 +85,9 @@ class LayerRemoval:
 
     def layers_removed(self, num_layers: int) -> int:
         return self.count(num_layers)
+
+    def facts_after(self, facts: ModelFacts) -> ModelFacts:
+        return replace(facts, num_layers=facts.num_layers - self.layers_removed(facts.num_layers))
 
     def check(self, facts: ModelFacts) -> list[str]:
         n, errors = facts.num_layers, []
