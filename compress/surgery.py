@@ -3,7 +3,9 @@
 Architecture differences are data (one table below), the edit is one generic loop. After
 ``remove_layers`` the model is a plain ``transformers`` model again: ``save_pretrained`` writes a
 checkpoint that ``from_pretrained`` loads with no code of ours, and the KV cache (built from
-``config.layer_types`` / ``num_hidden_layers``) lines up with the renumbered ``layer_idx``.
+``config.layer_types`` / ``num_hidden_layers``) lines up with the renumbered ``layer_idx``. The
+per-layer config fields (attention types, MoE layers, pattern scalars) are updated by
+``compress.layer_fields``.
 """
 
 from __future__ import annotations
@@ -14,20 +16,18 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.layer_fields import check_layer_fields, update_layer_fields
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """Where an architecture keeps its decoder layers and which config fields are per layer."""
+    """Where an architecture keeps its decoder layers."""
 
     layers_path: str  # attribute path from the *ForCausalLM model to the ModuleList
-    per_layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
-    layer_index_lists: tuple[str, ...] = ()  # config lists *of layer indices* (renumbered)
     final_norm_path: str = "model.norm"  # applied to the last layer's output before the LM head
 
 
 _DECODER = LayerLayout("model.layers")
-_DECODER_MOE = LayerLayout("model.layers", layer_index_lists=("mlp_only_layers",))
 
 # model_type -> layout. Anything not listed is refused with the list of supported types.
 LAYOUTS: dict[str, LayerLayout] = {
@@ -35,13 +35,13 @@ LAYOUTS: dict[str, LayerLayout] = {
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
-    "qwen2_moe": _DECODER_MOE,
-    "qwen3_moe": _DECODER_MOE,
+    "qwen2_moe": _DECODER,
+    "qwen3_moe": _DECODER,
     "gemma": _DECODER,
     "gemma2": _DECODER,
     "gemma3_text": _DECODER,
     "phi3": _DECODER,
-    "smollm3": LayerLayout("model.layers", per_layer_lists=("layer_types", "no_rope_layers")),
+    "smollm3": _DECODER,
     "olmo2": _DECODER,
     "gpt_neox": LayerLayout("gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm"),
 }
@@ -111,41 +111,21 @@ def _renumber(layer: nn.Module, new_idx: int) -> None:
             module.layer_idx = new_idx
 
 
-def slice_config(config, keep: list[int]) -> None:
-    """Make every per-layer field of ``config`` describe only the layers in ``keep`` (in place)."""
-    layout = layout_for(config)
-    old_n = config.num_hidden_layers
-    for name in layout.per_layer_lists:
-        values = getattr(config, name, None)
-        if values is None:
-            continue
-        if len(values) != old_n:
-            raise CompressError(
-                f"config.{name} has {len(values)} entries but num_hidden_layers is {old_n}"
-            )
-        setattr(config, name, [values[i] for i in keep])
-    new_index = {old: new for new, old in enumerate(keep)}
-    for name in layout.layer_index_lists:
-        values = getattr(config, name, None)
-        if values:
-            setattr(config, name, [new_index[i] for i in values if i in new_index])
-    config.num_hidden_layers = len(keep)
-
-
 def remove_layers(model: nn.Module, indices: list[int]) -> list[int]:
     """Remove decoder layers ``indices`` (current numbering) from ``model`` in place.
 
-    Rebuilds the ModuleList, renumbers every ``layer_idx``, slices per-layer config lists and sets
-    ``num_hidden_layers``. Returns the kept indices (old numbering).
+    Rebuilds the ModuleList, renumbers every ``layer_idx``, updates the per-layer config fields
+    (``compress.layer_fields``) and sets ``num_hidden_layers``. Returns the kept indices (old numbering).
     """
     layers = decoder_layers(model)
     remove = set(check_layer_indices(list(indices), len(layers)))
     keep = [i for i in range(len(layers)) if i not in remove]
+    check_layer_fields(model.config)
     new_layers = nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(new_layers):
         _renumber(layer, new_idx)
     _set_decoder_layers(model, new_layers)
-    slice_config(model.config, keep)
+    update_layer_fields(model.config, keep)
     return keep
 
 
@@ -342,6 +322,7 @@ def merge_layers(model: nn.Module, windows: list[tuple[int, int]], rule: str = "
     """Merge each window (low, high) into layer low and remove low+1..high, in place. Windows are
     disjoint, in current numbering. Returns the removed indices (current numbering)."""
     layers = decoder_layers(model)
+    check_layer_fields(model.config)
     for low, high in sorted(windows, reverse=True):
         if not 0 <= low < high < len(layers):
             raise CompressError(f"merge window ({low}, {high}) is not within 0..{len(layers) - 1} with low < high")
