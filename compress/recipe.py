@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from compress.run_folder import output_conflicts
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig
 
+log = logging.getLogger("compress")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -372,17 +374,24 @@ def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
     return [p for p in problems if p]
 
 
-def check_against_model(recipe: Recipe, facts: ModelFacts) -> None:
-    """Checks that need the model's shape (from its config, before weights load)."""
+def check_against_model(recipe: Recipe, facts: ModelFacts) -> list[str]:
+    """Checks that need the model's shape (from its config, before weights load). Raises
+    CompressError listing every error; returns (and logs) the warnings: what a stage's optional
+    ``warnings(facts)`` reports that does not stop the run."""
     errors: list[str] = []
+    warnings: list[str] = []
     layers = facts.num_layers
     for i, spec in enumerate(recipe.stages):
         stage = STAGES[spec.kind](spec.config)
-        errors.extend(f"stages[{i}].{spec.kind}.{msg}" for msg in stage.check(
-            ModelFacts(**{**facts.__dict__, "num_layers": layers})))
+        here = ModelFacts(**{**facts.__dict__, "num_layers": layers})
+        errors.extend(f"stages[{i}].{spec.kind}.{msg}" for msg in stage.check(here))
+        warnings.extend(f"stages[{i}].{spec.kind}: {msg}" for msg in getattr(stage, "warnings", lambda f: [])(here))
         layers -= getattr(stage, "layers_removed", lambda n: 0)(layers)
     errors.extend(_sequence_problems(recipe, facts))
     if errors:
         listed = "\n".join(f"  - {m}" for m in errors)
         raise CompressError(f"{recipe.path}: recipe does not fit model {recipe.model} "
                             f"({facts.model_type}, {facts.num_layers} layers):\n{listed}")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings

@@ -210,10 +210,31 @@ def remove_heads(model: nn.Module, query_heads: list[list[int]], kv_heads: list[
         _slice_linear(attn.o_proj, _head_rows(keep_q, head_dim), 1)
         _slice_linear(attn.k_proj, _head_rows(keep_kv, head_dim), 0)
         _slice_linear(attn.v_proj, _head_rows(keep_kv, head_dim), 0)
+        _slice_qk_norms(attn, keep_q, keep_kv, n_q, n_kv, head_dim)
         attn.num_key_value_groups = new_q // new_kv
         attn.head_dim = head_dim
     config.head_dim = head_dim
     config.num_attention_heads, config.num_key_value_heads = shapes.pop()
+
+
+def _slice_qk_norms(attn: nn.Module, keep_q: list[int], keep_kv: list[int], n_q: int, n_kv: int,
+                    head_dim: int) -> None:
+    """Slice q_norm/k_norm weights that span all heads (OLMo2: heads x head_dim wide) to the kept
+    heads; per-head norms (Qwen3, Gemma3: head_dim wide) need nothing.
+
+    A whole-width RMSNorm takes its statistic over every head, so after slicing the kept heads are
+    normalized by the RMS of the kept heads only: the pruned model is not the original with heads
+    zeroed, but an approximation like any head pruning (exact when no head is removed)."""
+    for name, keep, heads in (("q_norm", keep_q, n_q), ("k_norm", keep_kv, n_kv)):
+        norm = getattr(attn, name, None)
+        weight = getattr(norm, "weight", None)
+        if weight is None or weight.shape[0] == head_dim:
+            continue
+        if weight.shape != (heads * head_dim,):
+            raise CompressError(f"{name} weight has shape {tuple(weight.shape)}; expected ({head_dim},) "
+                                f"per head or ({heads * head_dim},) over {heads} heads")
+        rows = _head_rows(keep, head_dim).to(weight.device)
+        norm.weight = nn.Parameter(weight.detach().index_select(0, rows).clone())
 
 
 def _kept_heads(drop_q, drop_kv, n_q: int, n_kv: int):
