@@ -75,8 +75,10 @@ def validate(recipe: Path) -> None:
 
     r = load_recipe(recipe)
     facts = model_facts(read_config(r.model, r.revision, r.trust_remote_code))
-    check_against_model(r, facts)
+    warnings = check_against_model(r, facts)
     status = output_status(r.output, r.fingerprint())
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{recipe}: ok ({len(r.stages)} stage(s): {', '.join(s.name for s in r.stages)}; "
                f"model {facts.model_type} with {facts.num_layers} layers; output {r.output}: {status})")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from compress.run_folder import output_conflicts
 from compress.stages import STAGES, UNAVAILABLE
 from compress.stages.base import ModelFacts, StageConfig, facts_after_stage
 
+log = logging.getLogger("compress")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -372,15 +374,19 @@ def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
     return [p for p in problems if p]
 
 
-def check_against_model(recipe: Recipe, facts: ModelFacts) -> None:
+def check_against_model(recipe: Recipe, facts: ModelFacts) -> list[str]:
     """Checks that need the model's shape (from its config, before weights load). Each stage is
-    checked against the shapes the stages before it leave (layers, heads, MLP width)."""
+    checked against the shapes the stages before it leave (layers, heads, MLP width). Raises
+    CompressError listing every error; returns (and logs) the warnings: what a stage's optional
+    ``warnings(facts)`` reports that does not stop the run."""
     errors: list[str] = []
+    warnings: list[str] = []
     current = facts
     for i, spec in enumerate(recipe.stages):
         stage, key = STAGES[spec.kind](spec.config), f"stages[{i}].{spec.kind}"
         problems = stage.check(current)
         errors.extend(f"{key}.{msg}" for msg in problems)
+        warnings.extend(f"{key}: {msg}" for msg in getattr(stage, "warnings", lambda f: [])(current))
         if not problems:  # a refused stage: the later ones are checked as if it changed nothing
             current = facts_after_stage(current, stage.facts_after(current), key)
     errors.extend(_sequence_problems(recipe, facts))
@@ -388,3 +394,6 @@ def check_against_model(recipe: Recipe, facts: ModelFacts) -> None:
         listed = "\n".join(f"  - {m}" for m in errors)
         raise CompressError(f"{recipe.path}: recipe does not fit model {recipe.model} "
                             f"({facts.model_type}, {facts.num_layers} layers):\n{listed}")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings

@@ -3,7 +3,9 @@
 Architecture differences are data (one table below), the edit is one generic loop. After
 ``remove_layers`` the model is a plain ``transformers`` model again: ``save_pretrained`` writes a
 checkpoint that ``from_pretrained`` loads with no code of ours, and the KV cache (built from
-``config.layer_types`` / ``num_hidden_layers``) lines up with the renumbered ``layer_idx``.
+``config.layer_types`` / ``num_hidden_layers``) lines up with the renumbered ``layer_idx``. The
+per-layer config fields (attention types, MoE layers, pattern scalars) are updated by
+``compress.layer_fields``.
 """
 
 from __future__ import annotations
@@ -14,20 +16,18 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.layer_fields import check_layer_fields, update_layer_fields
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """Where an architecture keeps its decoder layers and which config fields are per layer."""
+    """Where an architecture keeps its decoder layers."""
 
     layers_path: str  # attribute path from the *ForCausalLM model to the ModuleList
-    per_layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
-    layer_index_lists: tuple[str, ...] = ()  # config lists *of layer indices* (renumbered)
     final_norm_path: str = "model.norm"  # applied to the last layer's output before the LM head
 
 
 _DECODER = LayerLayout("model.layers")
-_DECODER_MOE = LayerLayout("model.layers", layer_index_lists=("mlp_only_layers",))
 
 # model_type -> layout. Anything not listed is refused with the list of supported types.
 LAYOUTS: dict[str, LayerLayout] = {
@@ -35,13 +35,13 @@ LAYOUTS: dict[str, LayerLayout] = {
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
-    "qwen2_moe": _DECODER_MOE,
-    "qwen3_moe": _DECODER_MOE,
+    "qwen2_moe": _DECODER,
+    "qwen3_moe": _DECODER,
     "gemma": _DECODER,
     "gemma2": _DECODER,
     "gemma3_text": _DECODER,
     "phi3": _DECODER,
-    "smollm3": LayerLayout("model.layers", per_layer_lists=("layer_types", "no_rope_layers")),
+    "smollm3": _DECODER,
     "olmo2": _DECODER,
     "gpt_neox": LayerLayout("gpt_neox.layers", final_norm_path="gpt_neox.final_layer_norm"),
 }
@@ -111,41 +111,21 @@ def _renumber(layer: nn.Module, new_idx: int) -> None:
             module.layer_idx = new_idx
 
 
-def slice_config(config, keep: list[int]) -> None:
-    """Make every per-layer field of ``config`` describe only the layers in ``keep`` (in place)."""
-    layout = layout_for(config)
-    old_n = config.num_hidden_layers
-    for name in layout.per_layer_lists:
-        values = getattr(config, name, None)
-        if values is None:
-            continue
-        if len(values) != old_n:
-            raise CompressError(
-                f"config.{name} has {len(values)} entries but num_hidden_layers is {old_n}"
-            )
-        setattr(config, name, [values[i] for i in keep])
-    new_index = {old: new for new, old in enumerate(keep)}
-    for name in layout.layer_index_lists:
-        values = getattr(config, name, None)
-        if values:
-            setattr(config, name, [new_index[i] for i in values if i in new_index])
-    config.num_hidden_layers = len(keep)
-
-
 def remove_layers(model: nn.Module, indices: list[int]) -> list[int]:
     """Remove decoder layers ``indices`` (current numbering) from ``model`` in place.
 
-    Rebuilds the ModuleList, renumbers every ``layer_idx``, slices per-layer config lists and sets
-    ``num_hidden_layers``. Returns the kept indices (old numbering).
+    Rebuilds the ModuleList, renumbers every ``layer_idx``, updates the per-layer config fields
+    (``compress.layer_fields``) and sets ``num_hidden_layers``. Returns the kept indices (old numbering).
     """
     layers = decoder_layers(model)
     remove = set(check_layer_indices(list(indices), len(layers)))
     keep = [i for i in range(len(layers)) if i not in remove]
+    check_layer_fields(model.config)
     new_layers = nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(new_layers):
         _renumber(layer, new_idx)
     _set_decoder_layers(model, new_layers)
-    slice_config(model.config, keep)
+    update_layer_fields(model.config, keep)
     return keep
 
 
@@ -230,10 +210,31 @@ def remove_heads(model: nn.Module, query_heads: list[list[int]], kv_heads: list[
         _slice_linear(attn.o_proj, _head_rows(keep_q, head_dim), 1)
         _slice_linear(attn.k_proj, _head_rows(keep_kv, head_dim), 0)
         _slice_linear(attn.v_proj, _head_rows(keep_kv, head_dim), 0)
+        _slice_qk_norms(attn, keep_q, keep_kv, n_q, n_kv, head_dim)
         attn.num_key_value_groups = new_q // new_kv
         attn.head_dim = head_dim
     config.head_dim = head_dim
     config.num_attention_heads, config.num_key_value_heads = shapes.pop()
+
+
+def _slice_qk_norms(attn: nn.Module, keep_q: list[int], keep_kv: list[int], n_q: int, n_kv: int,
+                    head_dim: int) -> None:
+    """Slice q_norm/k_norm weights that span all heads (OLMo2: heads x head_dim wide) to the kept
+    heads; per-head norms (Qwen3, Gemma3: head_dim wide) need nothing.
+
+    A whole-width RMSNorm takes its statistic over every head, so after slicing the kept heads are
+    normalized by the RMS of the kept heads only: the pruned model is not the original with heads
+    zeroed, but an approximation like any head pruning (exact when no head is removed)."""
+    for name, keep, heads in (("q_norm", keep_q, n_q), ("k_norm", keep_kv, n_kv)):
+        norm = getattr(attn, name, None)
+        weight = getattr(norm, "weight", None)
+        if weight is None or weight.shape[0] == head_dim:
+            continue
+        if weight.shape != (heads * head_dim,):
+            raise CompressError(f"{name} weight has shape {tuple(weight.shape)}; expected ({head_dim},) "
+                                f"per head or ({heads * head_dim},) over {heads} heads")
+        rows = _head_rows(keep, head_dim).to(weight.device)
+        norm.weight = nn.Parameter(weight.detach().index_select(0, rows).clone())
 
 
 def _kept_heads(drop_q, drop_kv, n_q: int, n_kv: int):
@@ -342,6 +343,7 @@ def merge_layers(model: nn.Module, windows: list[tuple[int, int]], rule: str = "
     """Merge each window (low, high) into layer low and remove low+1..high, in place. Windows are
     disjoint, in current numbering. Returns the removed indices (current numbering)."""
     layers = decoder_layers(model)
+    check_layer_fields(model.config)
     for low, high in sorted(windows, reverse=True):
         if not 0 <= low < high < len(layers):
             raise CompressError(f"merge window ({low}, {high}) is not within 0..{len(layers) - 1} with low < high")

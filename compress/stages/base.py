@@ -16,7 +16,9 @@ and two methods that do the work:
 
 Optional: ``replayable = False`` (a stage too costly to redo, e.g. quantization: the pipeline then
 always writes its checkpoint and resumes by loading it), ``save(model, folder)`` and
-``load(folder, device) -> model`` when ``save_pretrained``/``from_pretrained`` are not the way.
+``load(folder, device) -> model`` when ``save_pretrained``/``from_pretrained`` are not the way, and
+``warnings(facts) -> list[str]``: problems that do not stop the run (the recipe check logs them and
+``compress validate`` prints them), e.g. an engine that will not load the result.
 
 Stages never evaluate, never save and never parse YAML: the pipeline does that.
 """

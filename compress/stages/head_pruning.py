@@ -17,6 +17,10 @@ Sample yaml::
     rounding as ``width_pruning`` does: a head is head_dim channels, so rounding would change the
     removal by whole heads per KV group. With head_dim 128 (Llama-2, Qwen3) every count fits; with
     head_dim 64 the kept head count must be even. ``1`` allows any count.
+
+OLMo2's q_norm/k_norm span all heads (heads x head_dim): they are sliced with the kept heads, so the
+kept heads are normalized over the kept heads only (see ``surgery._slice_qk_norms``). The recipe
+check warns where an engine cannot load the result (``HEAD_DIM_FROM_HIDDEN``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ from compress.importance.heads import head_scores
 from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import WIDTH_TYPES, remove_heads
+
+
+# vLLM's attention for these model types sets head_dim = hidden_size // num_attention_heads and
+# never reads config.head_dim (vllm/model_executor/models/qwen2.py ``Qwen2Attention``, olmo2.py).
+HEAD_DIM_FROM_HIDDEN = {"qwen2": "", "olmo2": " (and sizes q_norm by hidden_size)"}
 
 
 class HeadPruningConfig(StageConfig):
@@ -115,6 +124,15 @@ class HeadPruning:
             return [f"{key}: {k} query heads cannot come equally from {n_kv} KV groups of {n_q // n_kv} "
                     f"(use a multiple of {n_kv} below {n_q}, or kv_groups: true)"]
         return []
+
+    def warnings(self, facts: ModelFacts) -> list[str]:
+        """Problems that do not stop the run: engines that will not load the pruned checkpoint."""
+        t = facts.model_type
+        if t not in HEAD_DIM_FROM_HIDDEN:
+            return []
+        return [f"a head-pruned {t} checkpoint does not load in vLLM: its {t} attention takes head_dim = "
+                f"hidden_size // num_attention_heads and ignores config.head_dim{HEAD_DIM_FROM_HIDDEN[t]}, "
+                "so the weight shapes do not match; transformers loads it (it reads config.head_dim)"]
 
     def choose(self, scores, n_q: int, n_kv: int) -> tuple[list[list[int]], list[list[int]]]:
         """Per layer: the lowest-scoring heads in each KV group (or the lowest-scoring groups)."""
