@@ -94,7 +94,7 @@ def test_olmo2_with_no_head_removed_is_the_original():
 def write_recipe(tmp_path, tiny_model_dir, text_file):
     body = {"model": str(tiny_model_dir), "output": "out",
             "calibration": {"path": str(text_file), "samples": 4, "seq_len": 16},
-            "stages": [{"head_pruning": {"metric": "norm", "remove": 2}}]}
+            "stages": [{"head_pruning": {"metric": "norm", "remove": 2, "multiple_of": 16}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
     return load_recipe(tmp_path / "r.yaml")
 
