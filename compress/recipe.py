@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.data.pg19 import BUILDERS
-from compress.data.sources import CalibrationConfig
+from compress.data.sources import CalibrationConfig, TextSource
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, FidelityConfig, MMLUConfig, PerplexityConfig
 import compress.model_io as model_io
@@ -248,7 +248,7 @@ def _resolve_stage_calibration(spec: StageSpec, index: int, base: Path, errors: 
 
 
 def _resolve_source(source, base: Path, key: str, errors: list[str]):
-    if source is not None and getattr(source, "dataset", None) in BUILDERS:
+    if isinstance(source, TextSource) and source.dataset in BUILDERS:
         return _resolve_data_files(source, base, key, errors)
     if source is None or source.path is None:
         return source
@@ -281,7 +281,7 @@ def _data_paths(key: str, source) -> dict[str, Path]:
     """The local files a source reads, by recipe key (output folders must not overwrite them)."""
     if source is None:
         return {}
-    if getattr(source, "dataset", None) in BUILDERS:
+    if isinstance(source, TextSource) and source.dataset in BUILDERS:
         found = {}
         for i, file in enumerate(source.data_files):
             matches = sorted(glob.glob(file)) if any(c in file for c in "*?[") else [file]

@@ -250,3 +250,9 @@ def test_data_descriptions_name_the_source_not_the_label(tmp_path, good, text_fi
 def test_data_source_errors_name_the_key_and_the_fix(tmp_path, good, mutate, expected):
     mutate(good)
     assert expected.format(tmp=tmp_path) in error_of(tmp_path, good)
+
+
+def test_mmlu_is_no_data_files_source(tmp_path, good):
+    """Only text sources take data_files: an MMLU `dataset: json` stays a hub id (no crash here)."""
+    good["evaluate"]["mmlu"] = {"dataset": "json", "shots": 0}
+    assert load_recipe(write(tmp_path, good)).evaluate.mmlu.dataset == "json"

@@ -43,6 +43,9 @@ class TextSource(BaseModel):
             raise ValueError("`name` and `data_files` go with `dataset:`; a `path:` is read as is (drop them)")
         if self.data_files is not None and not self.data_files:
             raise ValueError("data_files: is empty; list at least one file")
+        if self.dataset in BUILDERS and self.name is not None:
+            raise ValueError(f"name: is a hub dataset's config; the {self.dataset} builder of local files "
+                             "takes none (drop it)")
         if self.dataset in BUILDERS and self.data_files is None:
             raise ValueError(f"dataset: {self.dataset} reads local files; give `data_files: [file, ...]`")
         if self.data_files is not None and self.dataset not in BUILDERS and "/" not in self.dataset:

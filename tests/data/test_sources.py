@@ -124,6 +124,7 @@ def test_a_missing_builder_file_is_named(tmp_path):
     ({"path": "a.txt", "data_files": ["a.jsonl"]}, "`name` and `data_files` go with `dataset:`"),
     ({"path": "a.txt", "name": "wikitext-2-raw-v1"}, "`name` and `data_files` go with `dataset:`"),
     ({"dataset": "json", "data_files": []}, "data_files: is empty"),
+    ({"dataset": "csv", "name": "default", "data_files": ["a.csv"]}, "name: is a hub dataset's config; the csv builder"),
 ])
 def test_inconsistent_sources_say_what_to_change(fields, message):
     with pytest.raises(ValueError) as e:
