@@ -25,18 +25,19 @@ from typing import Any
 import torch
 
 from compress import __version__
-from compress.data.sources import CalibrationConfig, load_texts, source_label
-from compress.data.tokens import calibration_batches, tokenize_documents
+from compress.data.calibration import calibration_data, calibration_description
+from compress.data.sources import CalibrationConfig
+from compress.data.tokens import bos_token_id, require_chat_template
 from compress.errors import CompressError
 from compress.faults import crash_point
 from compress.evaluate.fidelity import BaselineStore, FidelityKey, FidelityMeter, StoreWriter, evaluation_fingerprint
 from compress.evaluate.memory import disk_bytes
 from compress.evaluate.perplexity import make_windows
-from compress.evaluate.suite import (efficiency_metrics, mmlu_metrics, mmlu_questions, perplexity_metrics,
-                                     perplexity_tokens, size_metrics)
+from compress.evaluate.suite import (efficiency_metrics, mmlu_metrics, mmlu_questions, perplexity_description,
+                                     perplexity_metrics, perplexity_tokens, size_metrics)
 from compress.model_io import (PROVENANCE, check_fits, check_fits_anywhere, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
-from compress.recipe import Recipe, check_against_model, load_recipe
+from compress.recipe import Recipe, calibration_sets, check_against_model, load_recipe
 from compress.report import write_report
 from compress.run_folder import choose_work_folder, hold_run_lock, model_identity, start_run_folder
 from compress.stages import STAGES
@@ -55,6 +56,27 @@ def finish_fidelity(observer, top_k: int) -> dict[str, Any]:
     log.info("baseline-logits store: %d positions x top-%d, %.1f MiB at %s", store.meta["positions"],
              top_k, store.nbytes() / 2**20, observer.folder)
     return {**observer.meter.metrics(), "fidelity_top_k": top_k, "fidelity_store_bytes": store.nbytes()}
+
+
+def data_descriptions(recipe: Recipe) -> dict[str, str]:
+    """Recipe key -> what the text and windows are (``wikitext/wikitext-2-raw-v1:test; ...``), for
+    report.json: the source itself, whatever ``label`` the recipe gave it."""
+    found = {key: calibration_description(cal) for key, cal in calibration_sets(recipe)}
+    if recipe.evaluate.perplexity is not None:
+        found["evaluate.perplexity"] = perplexity_description(recipe.evaluate.perplexity)
+    return found
+
+
+def check_tokenizer(recipe: Recipe, tokenizer) -> None:
+    """Before any evaluation or stage: the tokenizer has the BOS / chat template the recipe's
+    ``bos_per_window`` / ``chat_template`` need (CompressError naming the key otherwise)."""
+    for key, cal in calibration_sets(recipe):
+        if cal.bos_per_window:
+            bos_token_id(tokenizer, key)
+        if cal.chat_template:
+            require_chat_template(tokenizer, key)
+    if recipe.evaluate.perplexity is not None and recipe.evaluate.perplexity.bos_per_window:
+        bos_token_id(tokenizer, "evaluate.perplexity")
 
 
 def _versions() -> dict[str, str]:
@@ -130,18 +152,16 @@ class Pipeline:
             return True
 
     # -- data ------------------------------------------------------------------------------
-    def calibration(self, tokenizer, cal: CalibrationConfig | None = None) -> list[dict[str, torch.Tensor]]:
-        """Calibration windows of the recipe (or of a stage's own ``calibration``), built once each."""
+    def calibration(self, tokenizer, cal: CalibrationConfig | None = None,
+                    key: str = "calibration") -> list[dict[str, torch.Tensor]]:
+        """Calibration windows of the recipe (or of a stage's own ``calibration``, recipe key
+        ``key``), built once each."""
         cal = cal or self.recipe.calibration
-        key = cal.model_dump_json()
-        if key not in self._calibration:
-            need = cal.samples * cal.seq_len * 4
-            tokens = tokenize_documents(tokenizer, load_texts(cal, max_chars=need * 12), max_tokens=need)
-            self._calibration[key] = calibration_batches(tokens, cal.samples, cal.seq_len, cal.seed,
-                                                         cal.batch_size, cal.sampling, source_label(cal))
-            log.info("calibration: %d samples x %d tokens (%s) from %s", cal.samples, cal.seq_len, cal.sampling,
-                     source_label(cal))
-        return self._calibration[key]
+        cache_key = cal.model_dump_json()
+        if cache_key not in self._calibration:
+            self._calibration[cache_key] = calibration_data(tokenizer, cal, key)
+            log.info("calibration: %s", calibration_description(cal))
+        return self._calibration[cache_key]
 
     # -- steps -----------------------------------------------------------------------------
     def measure(self, step: str, model, tokenizer) -> dict[str, Any]:
@@ -153,7 +173,7 @@ class Pipeline:
             observer = self.fidelity_observer(step, model, tokenizer)
             metrics.update(perplexity_metrics(model, self.eval_tokens(tokenizer), evaluate.perplexity,
                                               self.device, self.progress, layerwise=self.layerwise,
-                                              observe=observer))
+                                              observe=observer, bos=tokenizer.bos_token_id))
             if observer is not None:
                 metrics.update(finish_fidelity(observer, evaluate.fidelity.top_k))
             crash_point("evaluation")
@@ -181,9 +201,10 @@ class Pipeline:
             return None
         ppl = evaluate.perplexity
         tokens = self.eval_tokens(tokenizer)
-        windows = make_windows(tokens.numel(), ppl.seq_len, ppl.stride or ppl.seq_len)
+        bos = ppl.bos_per_window
+        windows = make_windows(tokens.numel(), ppl.seq_len, ppl.stride or ppl.seq_len - bos, bos)
         key = FidelityKey(evaluate.fidelity.top_k, sum(w.end - w.target_from for w in windows),
-                          evaluation_fingerprint(tokens, ppl.seq_len, ppl.stride, ppl.batch_size))
+                          evaluation_fingerprint(tokens, ppl.seq_len, ppl.stride, ppl.batch_size, bos))
         folder = self.folder / STORE_FOLDER
         if step == "baseline":
             vocab = model.get_output_embeddings().weight.shape[0]
@@ -220,6 +241,7 @@ class Pipeline:
         log.info("model %s: %s, %d layers, %s on %s%s", recipe.model, self.facts.model_type,
                  self.facts.num_layers, str(self.dtype).removeprefix("torch."), self.device,
                  " (layer by layer, weights in CPU memory)" if self.layerwise else "")
+        check_tokenizer(recipe, tokenizer)
         rows, records = [self._baseline(model, tokenizer)], []
         layer_ids = self.input_layer_ids()
         for index, spec in enumerate(recipe.stages, start=1):
@@ -262,8 +284,9 @@ class Pipeline:
         if entry is None:
             log.info("stage %d/%d: %s", index, len(self.recipe.stages), spec.name)
             own = getattr(spec.config, "calibration", None)
-            cal = self.calibration(tokenizer, own if isinstance(own, CalibrationConfig) else None) \
-                if stage.needs_calibration else []
+            own = own if isinstance(own, CalibrationConfig) else None
+            key = f"stages[{index - 1}].{spec.kind}.calibration" if own else "calibration"
+            cal = self.calibration(tokenizer, own, key) if stage.needs_calibration else []
             ctx = StageContext(calibration=cal,
                                tokenizer=tokenizer, device=self.device,
                                original_layer_ids=list(layer_ids), log=log, progress=self.progress)
@@ -271,6 +294,8 @@ class Pipeline:
             model = record.new_model if record.new_model is not None else model
             crash_point("stage")
             entry = {"step": spec.name, "kind": spec.kind, "record": record.to_json()}
+            if stage.needs_calibration:  # what the windows were, whatever the recipe labelled them
+                entry["record"]["calibration_data"] = calibration_description(own or self.recipe.calibration)
             if not replayable:  # its checkpoint is the resume point: write it before the record
                 self._save(index, spec.name, stage, model, tokenizer,
                            [*records, {"name": spec.name, **entry["record"]}],
@@ -330,6 +355,7 @@ class Pipeline:
             "recipe": str(self.recipe.path), "output": str(self.final_folder),
             "model": self.recipe.model, "source": self.source,
             "trust_remote_code": self.recipe.trust_remote_code,
+            "data": data_descriptions(self.recipe),
             "paths": {"calibration": self.recipe.calibration.path if self.recipe.calibration else None,
                       "perplexity": (self.recipe.evaluate.perplexity.path
                                      if self.recipe.evaluate.perplexity else None)},

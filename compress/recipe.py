@@ -8,6 +8,7 @@ folder. Checks that need the model's shape (``check_against_model``) read only i
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -19,7 +20,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compress.data.sources import CalibrationConfig
+from compress.data.pg19 import BUILDERS
+from compress.data.sources import CalibrationConfig, TextSource
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, FidelityConfig, MMLUConfig, PerplexityConfig
 import compress.model_io as model_io
@@ -248,6 +250,8 @@ def _resolve_stage_calibration(spec: StageSpec, index: int, base: Path, errors: 
 
 
 def _resolve_source(source, base: Path, key: str, errors: list[str]):
+    if isinstance(source, TextSource) and source.dataset in BUILDERS:
+        return _resolve_data_files(source, base, key, errors)
     if source is None or source.path is None:
         return source
     path = _local_path(source.path, base, f"{key}.path", errors)
@@ -256,6 +260,37 @@ def _resolve_source(source, base: Path, key: str, errors: list[str]):
     if not path.exists():
         errors.append(f"{key}.path: {path} does not exist")
     return source.model_copy(update={"path": str(path)})
+
+
+def _resolve_data_files(source, base: Path, key: str, errors: list[str]):
+    """Local builder files (``dataset: json`` ...) resolved against ``base``; each must exist (a
+    glob pattern: match at least one file). Hub data_files are paths in the repo: left as given."""
+    resolved = []
+    for i, file in enumerate(source.data_files):
+        path = _local_path(file, base, f"{key}.data_files[{i}]", errors)
+        if path is None:
+            continue
+        if any(c in file for c in "*?["):
+            if not glob.glob(str(path)):
+                errors.append(f"{key}.data_files[{i}]: {path} matches no file")
+        elif not path.is_file():
+            errors.append(f"{key}.data_files[{i}]: {path} " + ("is not a file" if path.exists() else "does not exist"))
+        resolved.append(str(path))
+    return source.model_copy(update={"data_files": resolved})
+
+
+def _data_paths(key: str, source) -> dict[str, Path]:
+    """The local files a source reads, by recipe key (output folders must not overwrite them)."""
+    if source is None:
+        return {}
+    if isinstance(source, TextSource) and source.dataset in BUILDERS:
+        found = {}
+        for i, file in enumerate(source.data_files):
+            matches = sorted(glob.glob(file)) if any(c in file for c in "*?[") else [file]
+            found.update({f"{key}.data_files[{i}]" + (f" (match {m})" if len(matches) > 1 else ""): Path(match)
+                          for m, match in enumerate(matches)})
+        return found
+    return {f"{key}.path": Path(source.path)} if source.path is not None else {}
 
 
 def _os_reason(e: Exception) -> str:
@@ -327,13 +362,12 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     specs = [_resolve_stage_calibration(spec, i, base, errors) for i, spec in enumerate(specs)]
     ppl = _resolve_source(top.evaluate.perplexity, base, "evaluate.perplexity", errors)
     mmlu = _resolve_source(top.evaluate.mmlu, base, "evaluate.mmlu", errors)
-    data = {key: Path(src.path) for key, src in (("calibration.path", calibration),
-                                                 ("evaluate.perplexity.path", ppl), ("evaluate.mmlu.path", mmlu))
-            if src is not None and src.path is not None}
+    data = {**_data_paths("calibration", calibration), **_data_paths("evaluate.perplexity", ppl),
+            **_data_paths("evaluate.mmlu", mmlu)}
     for i, spec in enumerate(specs):
         own = getattr(spec.config, "calibration", None)
-        if isinstance(own, CalibrationConfig) and own.path is not None:
-            data[f"stages[{i}].{spec.kind}.calibration.path"] = Path(own.path)
+        if isinstance(own, CalibrationConfig):
+            data.update(_data_paths(f"stages[{i}].{spec.kind}.calibration", own))
     if usable_output is not None:
         errors.extend(output_conflicts(output, Path(model) if is_local else None, base, data))
     evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu})
@@ -349,7 +383,7 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     )
 
 
-def _calibrations(recipe: Recipe) -> list[tuple[str, CalibrationConfig]]:
+def calibration_sets(recipe: Recipe) -> list[tuple[str, CalibrationConfig]]:
     """Every calibration set of the recipe, with its key: the top-level one and the stages' own."""
     found = [("calibration", recipe.calibration)] if recipe.calibration is not None else []
     for i, spec in enumerate(recipe.stages):
@@ -361,7 +395,7 @@ def _calibrations(recipe: Recipe) -> list[tuple[str, CalibrationConfig]]:
 
 def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
     """Sequences longer than the model's positions; calibration sets larger than the memory."""
-    lengths = [(f"{key}.seq_len", cal.seq_len) for key, cal in _calibrations(recipe)]
+    lengths = [(f"{key}.seq_len", cal.seq_len) for key, cal in calibration_sets(recipe)]
     if recipe.evaluate.perplexity is not None:
         lengths.append(("evaluate.perplexity.seq_len", recipe.evaluate.perplexity.seq_len))
     if recipe.evaluate.efficiency is not None:
@@ -370,7 +404,7 @@ def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
     problems = [positions_problem(key, n, facts.max_position_embeddings) for key, n in lengths]
     available = model_io.available_bytes(torch.device("cpu"))
     problems += [memory_problem(f"{key}.samples", cal.samples, cal.seq_len, facts.hidden_size, available)
-                 for key, cal in _calibrations(recipe)]
+                 for key, cal in calibration_sets(recipe)]
     return [p for p in problems if p]
 
 

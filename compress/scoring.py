@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from compress.data.local import text_files
-from compress.data.sources import TextSource, load_texts, source_label
-from compress.data.tokens import calibration_batches, tokenize_documents
+from compress.data.calibration import calibration_data
+from compress.data.sources import CalibrationConfig, source_label
 from compress.errors import CompressError
 from compress.importance import (BLOCK_METRICS, DESCRIPTIONS, METRICS, canonical_metric, lowest,
                                  metric_needs_calibration, score_layers)
@@ -139,7 +139,8 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
             if not Path(data).exists():
                 raise CompressError(f"--data: {data} does not exist")
             text_files(Path(data))  # a FIFO, a device or an empty file: refused before the model loads
-        source = TextSource(path=data, dataset=dataset, split=split)
+        source = CalibrationConfig(path=data, dataset=dataset, split=split, samples=samples, seq_len=seq_len,
+                                   seed=seed, sampling=sampling)
     local = local_model_dir(model)
     model = str(local) if local else model
     run_on = resolve_device(device)
@@ -164,10 +165,7 @@ def score_model(model: str, *, metric: str, data: str | None, dataset: str | Non
                                 allow_pickle=allow_pickle, pickle_hint=PICKLE_FLAG_HINT)
     batches = []
     if source is not None:
-        need = samples * seq_len * 4
-        tokens = tokenize_documents(tokenizer, load_texts(source, need * 12), max_tokens=need)
-        batches = calibration_batches(tokens, samples, seq_len, seed, batch_size=1, sampling=sampling,
-                                      source=source_label(source))
+        batches = calibration_data(tokenizer, source, "--data/--dataset")
     if metric in UNIT_METRICS:
         return unit_scores(net, metric, batches, model, out)
     if metric in BLOCK_METRICS:

@@ -376,3 +376,48 @@ def test_score_command_angular_block_prints_every_block_start(tiny_model_dir, te
     assert saved["block_distances"] == pytest.approx(angular_block_distances(model, strided, 2, False), abs=1e-6)
     assert f"block removed: layers {first}..{first + 1} ([{first}, {first + 2}))" in result.output
     assert "plot:" not in result.output
+
+
+def _with(recipe: Path, **changes) -> Path:
+    body = yaml.safe_load(recipe.read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        target = body["evaluate"] if section == "perplexity" else body
+        if field:
+            target[section][field] = value
+        else:
+            target[section] = value
+    recipe.write_text(yaml.safe_dump(body))
+    return recipe
+
+
+def test_report_and_stage_records_name_the_data_sources(recipe, tmp_path, text_file):
+    """A json-builder calibration set (real local files, read by `datasets`) and its label-free name."""
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": p}) + "\n" for p in text_file.read_text().split(". ")))
+    _with(recipe, calibration={"dataset": "json", "data_files": ["docs.jsonl"], "samples": 4, "seq_len": 16})
+    report = run_recipe(recipe, progress=False)
+    described = f"json:{jsonl}; 4 x 16 tokens, random"
+    assert report["data"] == {"calibration": described,
+                              "evaluate.perplexity": f"{text_file}; first 256 tokens, seq_len 32, stride 32"}
+    assert report["stages"][0]["calibration_data"] == described
+    assert report["rows"][0]["ppl_data"] == "book.txt"
+
+
+def test_bos_per_window_perplexity_scores_every_text_token(recipe, tiny_model_dir, tiny_tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<eos>",
+                            eos_token="<eos>", pad_token="<eos>").save_pretrained(tiny_model_dir)
+    _with(recipe, perplexity__bos_per_window=True)
+    rows = run_recipe(recipe, progress=False)["rows"]
+    assert [r["ppl_tokens"] for r in rows] == [256, 256]  # all 256 text tokens; 248 without a BOS
+    assert rows[0]["ppl_data"] == "book.txt (BOS per window)"
+
+
+def test_a_tokenizer_without_bos_stops_the_run_before_any_evaluation(recipe, tmp_path):
+    _with(recipe, perplexity__bos_per_window=True)
+    with pytest.raises(CompressError, match=r"^evaluate\.perplexity\.bos_per_window: true, but the tokenizer "
+                                            r"has no BOS token"):
+        run_recipe(recipe, progress=False)
+    assert not list(tmp_path.glob("**/state/00-baseline.json"))  # a run without the option writes one

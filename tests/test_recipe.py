@@ -274,3 +274,64 @@ def test_llama2_7b_width_pruning_keeps_a_gptq_128_width(tmp_path, good):
     msg = refusal(tmp_path, good, [{"width_pruning": {"fraction": 0.25, "multiple_of": 64}},
                                    {"gptq": {"group_size": 128}}], facts)
     assert "stages[1].gptq.group_size: 128 does not divide down_proj in_features 8256" in msg
+
+
+# -- data sources: hub config names, local builder files, BOS per window, chat template ----------
+
+def test_data_files_resolve_against_the_recipe_folder(tmp_path, good):
+    (tmp_path / "data").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "data" / name).write_text('{"text": "words"}\n')
+    good["calibration"] = {"dataset": "json", "data_files": ["data/a.jsonl", "data/*.jsonl"], "samples": 4,
+                           "seq_len": 16, "chat_template": True}
+    good["evaluate"]["perplexity"] = {"dataset": "wikitext", "name": "wikitext-2-raw-v1", "split": "test",
+                                      "bos_per_window": True, "seq_len": 32}
+    r = load_recipe(write(tmp_path, good))
+    assert r.calibration.data_files == [str(tmp_path / "data" / "a.jsonl"), str(tmp_path / "data" / "*.jsonl")]
+    assert (r.calibration.chat_template, r.evaluate.perplexity.bos_per_window) == (True, True)
+    assert r.evaluate.perplexity.name == "wikitext-2-raw-v1"
+
+
+def test_data_descriptions_name_the_source_not_the_label(tmp_path, good, text_file):
+    from compress.pipeline import data_descriptions
+
+    good["calibration"].update(label="a nice book", bos_per_window=True)
+    good["evaluate"]["perplexity"] = {"dataset": "wikitext", "name": "wikitext-2-raw-v1", "seq_len": 32,
+                                      "max_tokens": 256, "bos_per_window": True}
+    good["stages"].append({"gptq": {"calibration": {"dataset": "allenai/c4", "split": "validation",
+                                                    "data_files": "en/c4-validation.00000-of-00008.json.gz",
+                                                    "samples": 2, "seq_len": 16}}})
+    assert data_descriptions(load_recipe(write(tmp_path, good))) == {
+        "calibration": f"{text_file}; 4 x 16 tokens, random, BOS per window",
+        "stages[1].gptq.calibration": "allenai/c4:validation (data_files: en/c4-validation.00000-of-00008.json.gz); "
+                                      "2 x 16 tokens, random",
+        "evaluate.perplexity": "wikitext/wikitext-2-raw-v1:test; first 256 tokens, seq_len 32, stride 31, BOS per window",
+    }
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: r.update(calibration={"dataset": "json", "data_files": ["gone.jsonl"], "samples": 4}),
+     "calibration.data_files[0]: {tmp}/gone.jsonl does not exist"),
+    (lambda r: r.update(calibration={"dataset": "json", "data_files": ["none-*.jsonl"], "samples": 4}),
+     "calibration.data_files[0]: {tmp}/none-*.jsonl matches no file"),
+    (lambda r: r["evaluate"].update(perplexity={"dataset": "parquet", "data_files": ["."]}),
+     "evaluate.perplexity.data_files[0]: {tmp} is not a file"),
+    (lambda r: r.update(calibration={"dataset": "jsonl", "data_files": ["a.jsonl"]}),
+     "calibration: dataset: 'jsonl' is not a builder for local data_files; use one of ['csv', 'json', 'parquet', 'text']"),
+    (lambda r: r.update(calibration={"dataset": "text"}),
+     "calibration: dataset: text reads local files; give `data_files: [file, ...]`"),
+    (lambda r: r["calibration"].update(bos_per_window=True, chat_template=True),
+     "calibration: give bos_per_window or chat_template, not both"),
+    (lambda r: r["evaluate"]["perplexity"].update(bos_per_window=True, stride=32),
+     "evaluate.perplexity: stride (32) must not exceed seq_len - 1 (31) with bos_per_window"),
+    (lambda r: r["evaluate"]["perplexity"].update(chat_template=True), "evaluate.perplexity.chat_template: unknown key"),
+])
+def test_data_source_errors_name_the_key_and_the_fix(tmp_path, good, mutate, expected):
+    mutate(good)
+    assert expected.format(tmp=tmp_path) in error_of(tmp_path, good)
+
+
+def test_mmlu_is_no_data_files_source(tmp_path, good):
+    """Only text sources take data_files: an MMLU `dataset: json` stays a hub id (no crash here)."""
+    good["evaluate"]["mmlu"] = {"dataset": "json", "shots": 0}
+    assert load_recipe(write(tmp_path, good)).evaluate.mmlu.dataset == "json"

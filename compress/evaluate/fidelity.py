@@ -98,11 +98,14 @@ class FidelityKey:
         return {"top_k": self.top_k, "positions": self.positions, "evaluation": self.evaluation}
 
 
-def evaluation_fingerprint(tokens: torch.Tensor, seq_len: int, stride: int | None, batch_size: int) -> str:
+def evaluation_fingerprint(tokens: torch.Tensor, seq_len: int, stride: int | None, batch_size: int,
+                           bos_per_window: bool = False) -> str:
     import hashlib
 
     h = hashlib.sha256(tokens.to(torch.int64).numpy().tobytes())
     h.update(f"{seq_len}/{stride or seq_len}/{batch_size}".encode())
+    if bos_per_window:  # appended only then: stores built before the option keep their fingerprint
+        h.update(b"/bos")
     return h.hexdigest()[:16]
 
 

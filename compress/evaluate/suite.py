@@ -10,8 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.data.local import text_files
-from compress.data.sources import TextSource, load_texts, source_label
-from compress.data.tokens import tokenize_documents
+from compress.data.sources import TextSource, load_texts, source_description, source_label
+from compress.data.tokens import bos_token_id, tokenize_documents
 from compress.errors import CompressError
 from compress.limits import MAX_COUNT, MAX_LIMIT, MAX_SEQ_LEN, MAX_TOKENS
 from compress.evaluate.latency import bandwidth_floor_share, copy_bandwidth, measure_latency
@@ -23,16 +23,31 @@ log = logging.getLogger("compress")
 
 
 class PerplexityConfig(TextSource):
+    """Perplexity over the first ``max_tokens`` tokens in windows of ``seq_len`` every ``stride``
+    (null: non-overlapping); ``bos_per_window``: each window is [BOS] + seq_len - 1 text tokens,
+    the BOS not scored (compress.evaluate.perplexity)."""
+
     seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN)
     stride: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(1_000_000, ge=2, le=MAX_TOKENS)
     batch_size: int = Field(1, ge=1)
+    bos_per_window: bool = False
 
     @model_validator(mode="after")
     def _stride(self):
+        if self.stride is not None and self.bos_per_window and self.stride > self.seq_len - 1:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len - 1 ({self.seq_len - 1}) with "
+                             "bos_per_window: the BOS takes one of the seq_len positions")
         if self.stride is not None and self.stride > self.seq_len:
             raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
         return self
+
+
+def perplexity_description(cfg: PerplexityConfig) -> str:
+    """What the perplexity was measured on, for reports: the source (whatever its label) and windows."""
+    stride = cfg.stride or (cfg.seq_len - 1 if cfg.bos_per_window else cfg.seq_len)
+    bos = ", BOS per window" if cfg.bos_per_window else ""
+    return f"{source_description(cfg)}; first {cfg.max_tokens} tokens, seq_len {cfg.seq_len}, stride {stride}{bos}"
 
 
 class FidelityConfig(BaseModel):
@@ -130,8 +145,12 @@ def mmlu_source(mmlu: str, shots: int, limit: int | None) -> MMLUConfig:
 
 
 def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
+    """The text's token stream (without special tokens where every window gets its own BOS)."""
+    if cfg.bos_per_window:
+        bos_token_id(tokenizer, "evaluate.perplexity")  # before the text is read
     max_chars = cfg.max_tokens * 12 if cfg.max_tokens else None
-    tokens = tokenize_documents(tokenizer, load_texts(cfg, max_chars), cfg.max_tokens)
+    tokens = tokenize_documents(tokenizer, load_texts(cfg, max_chars), cfg.max_tokens,
+                                add_special_tokens=not cfg.bos_per_window)
     if tokens.numel() < 2:
         raise CompressError(f"perplexity needs at least 2 tokens, but {cfg.path or cfg.dataset} gives "
                             f"{tokens.numel()}: give more text")
@@ -140,12 +159,17 @@ def perplexity_tokens(tokenizer, cfg: PerplexityConfig) -> torch.Tensor:
 
 
 def perplexity_metrics(model, tokens: torch.Tensor, cfg: PerplexityConfig, device: torch.device,
-                       progress: bool = True, layerwise: bool = False, observe=None) -> dict[str, Any]:
-    """Perplexity and the peak memory it took (``observe``: see compress.evaluate.perplexity)."""
+                       progress: bool = True, layerwise: bool = False, observe=None,
+                       bos: int | None = None) -> dict[str, Any]:
+    """Perplexity and the peak memory it took (``observe``: see compress.evaluate.perplexity;
+    ``bos``: the tokenizer's BOS id, used if ``cfg.bos_per_window``)."""
+    if cfg.bos_per_window and bos is None:
+        raise ValueError("bos_per_window: pass the tokenizer's bos_token_id")
     with PeakMemory(device) as peak:
         result = perplexity(model, tokens, cfg.seq_len, cfg.stride, cfg.batch_size, device, progress,
-                            layerwise=layerwise, observe=observe)
-    return {"ppl": result.ppl, "ppl_tokens": result.tokens, "ppl_data": source_label(cfg),
+                            layerwise=layerwise, observe=observe, bos=bos if cfg.bos_per_window else None)
+    data = source_label(cfg) + (" (BOS per window)" if cfg.bos_per_window else "")
+    return {"ppl": result.ppl, "ppl_tokens": result.tokens, "ppl_data": data,
             "peak_memory_bytes": peak.peak_bytes, "peak_memory_kind": peak.kind}
 
 
@@ -206,7 +230,8 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
     if local:
         row["disk_bytes"] = disk_bytes(local)
     if ppl is not None:
-        row.update(perplexity_metrics(net, perplexity_tokens(tokenizer, ppl), ppl, dev, progress))
+        row.update(perplexity_metrics(net, perplexity_tokens(tokenizer, ppl), ppl, dev, progress,
+                                       bos=tokenizer.bos_token_id))
     if mmlu is not None:
         row.update(mmlu_metrics(net, tokenizer, mmlu_questions(mmlu), mmlu, progress))
     if efficiency is not None:

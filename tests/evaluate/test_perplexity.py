@@ -84,3 +84,61 @@ def test_layerwise_perplexity_applies_gemma2_logit_softcapping():
     full = perplexity(model, TOKENS, seq_len=16, progress=False)
     lw = perplexity(model, TOKENS, seq_len=16, progress=False, layerwise=True, device=torch.device("cpu"))
     assert lw.ppl == pytest.approx(full.ppl, rel=1e-6)
+
+
+# -- bos_per_window: [BOS] + seq_len - 1 text tokens, the BOS never scored ---------------------
+
+BOS = 0  # the tiny models' bos_token_id
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(70, 16, 15), (70, 16, 5), (15, 16, 15), (16, 16, 15)])
+def test_bos_windows_score_every_text_token_exactly_once(n, seq_len, stride):
+    windows = make_windows(n, seq_len, stride, bos=True)
+    scored = [t for w in windows for t in range(w.target_from, w.end)]
+    assert scored == list(range(n))  # token 0 and each window's first token too: the BOS is their context
+    assert all(w.bos and w.end - w.begin <= seq_len - 1 for w in windows)
+
+
+def test_default_bos_windows_are_contiguous_and_non_overlapping():
+    windows = make_windows(70, 16, 15, bos=True)
+    assert [(w.begin, w.end) for w in windows] == [(0, 15), (15, 30), (30, 45), (45, 60), (60, 70)]
+
+
+def test_bos_stride_may_not_exceed_seq_len_minus_one():
+    with pytest.raises(ValueError, match=r"stride must be in 1..seq_len - 1 \(15\), got 16"):
+        make_windows(70, 16, 16, bos=True)
+
+
+def direct_bos_nll(model, tokens, seq_len) -> float:
+    """Independent: transformers' loss on [BOS] + each chunk of seq_len - 1 tokens (labels = input:
+    the loss shifts, so it scores the chunk's tokens and never the BOS)."""
+    total, count = 0.0, 0
+    for begin in range(0, tokens.numel(), seq_len - 1):
+        chunk = torch.cat([torch.tensor([BOS]), tokens[begin : begin + seq_len - 1]])[None]
+        with torch.no_grad():
+            loss = model(chunk, labels=chunk).loss.item()
+        total += loss * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return total / count
+
+
+def test_bos_per_window_perplexity_equals_model_loss_over_all_text_tokens():
+    model = tiny_model("llama", 3)
+    seen = []
+    result = perplexity(model, TOKENS, seq_len=16, batch_size=2, progress=False, bos=BOS,
+                        observe=lambda logp, targets: seen.append(targets))
+    assert (result.tokens, result.stride) == (70, 15)  # every text token scored; windows of 1 + 15
+    assert torch.cat(seen).tolist() == TOKENS.tolist()  # the targets are the text, in order, no BOS
+    assert result.ppl == pytest.approx(math.exp(direct_bos_nll(model, TOKENS, 16)), rel=1e-5)
+    plain = perplexity(model, TOKENS, seq_len=16, progress=False)
+    assert plain.tokens == 65 and plain.ppl != pytest.approx(result.ppl, rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_layerwise_bos_perplexity_equals_full(arch):
+    model = tiny_model(arch, 3)
+    full = perplexity(model, TOKENS, seq_len=16, stride=7, batch_size=3, progress=False, bos=BOS)
+    lw = perplexity(model, TOKENS, seq_len=16, stride=7, batch_size=3, progress=False, bos=BOS,
+                    layerwise=True, device=torch.device("cpu"))
+    assert full.tokens == lw.tokens == 70
+    assert lw.ppl == pytest.approx(full.ppl, rel=1e-6)
