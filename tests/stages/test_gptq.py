@@ -180,6 +180,14 @@ def test_group_size_must_divide_the_layer_widths():
                    "(hidden_size); o_proj in_features 576 (9 heads x head_dim 64); the int4 kernels need whole "
                    "groups: use group_size: 64 or -1"]
     assert GPTQ(GPTQConfig(group_size=64)).check(facts) == [] and GPTQ(GPTQConfig(group_size=-1)).check(facts) == []
+    pruned = ModelFacts("llama", 30, 9, 3, intermediate_size=1504, hidden_size=576,
+                        shaped_by={"intermediate_size": "stages[0].width_pruning"})
+    assert GPTQ(GPTQConfig(group_size=64)).check(pruned) == [
+        "group_size: 64 does not divide down_proj in_features 1504 (intermediate_size after "
+        "stages[0].width_pruning); the int4 kernels need whole groups: use group_size: 32 or -1, "
+        "or set multiple_of: 64 on stages[0].width_pruning"]
+    assert GPTQ(GPTQConfig(group_size=32)).check(pruned) == []
+    assert GPTQ(GPTQConfig()).facts_after(facts).quantized
 
 
 def recipe_problems(folder, model_dir, options: dict) -> list[str]:
@@ -254,11 +262,3 @@ def test_a_failed_quantization_leaves_no_temporary_copy(tiny_tokenizer, monkeypa
     with pytest.raises(RuntimeError, match="boom"):
         stage.apply(model_of("llama", 1), ctx(tiny_tokenizer))
     assert len(made) == 1 and not Path(made[0]).exists() and stage._saved is None
-    pruned = ModelFacts("llama", 30, 9, 3, intermediate_size=1504, hidden_size=576,
-                        shaped_by={"intermediate_size": "stages[0].width_pruning"})
-    assert GPTQ(GPTQConfig(group_size=64)).check(pruned) == [
-        "group_size: 64 does not divide down_proj in_features 1504 (intermediate_size after "
-        "stages[0].width_pruning); the int4 kernels need whole groups: use group_size: 32 or -1, "
-        "or set multiple_of: 64 on stages[0].width_pruning"]
-    assert GPTQ(GPTQConfig(group_size=32)).check(pruned) == []
-    assert GPTQ(GPTQConfig()).facts_after(facts).quantized
