@@ -230,7 +230,7 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
                                   max_positions) if efficiency else None]
     if any(problems):
         raise CompressError(f"model {name!r}: " + "; ".join(p for p in problems if p))
-    manager = task_manager(tasks) if tasks is not None else None
+    manager = task_manager(tasks, "--tasks") if tasks is not None else None
     net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev,
                                 allow_pickle=allow_pickle, pickle_hint=PICKLE_FLAG_HINT)
     row: dict[str, Any] = {"step": Path(name).name, "model": name, **size_metrics(net)}

@@ -78,9 +78,9 @@ def _lm_eval():
         raise CompressError(f"{INSTALL} ({e})") from None
 
 
-def task_manager(cfg: TasksConfig):
+def task_manager(cfg: TasksConfig, key: str = "evaluate.tasks.names"):
     """lm-eval's TaskManager (its built-in tasks plus ``include_path``), with every name checked:
-    CompressError naming the unknown ones, close matches, and how to list valid names."""
+    CompressError (under ``key``) naming the unknown ones, close matches, and how to list valid names."""
     _, _, tasks_mod = _lm_eval()
     with quiet_backends():
         if cfg.include_path is not None:  # indexing lm-eval's ~15,000 built-in names takes seconds
@@ -94,7 +94,7 @@ def task_manager(cfg: TasksConfig):
         hints = [f"{n!r} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(n, known, 3))
                  else repr(n) for n in unknown]
         where = f" or in {cfg.include_path}" if cfg.include_path else ""
-        raise CompressError(f"evaluate.tasks.names: unknown lm-eval task(s) {', '.join(hints)}: not among "
+        raise CompressError(f"{key}: unknown lm-eval task(s) {', '.join(hints)}: not among "
                             f"lm-eval {_version()}'s tasks{where}. {FIND_NAMES}"
                             + (" (lm-eval skips a YAML file it cannot parse)" if cfg.include_path else ""))
     return manager
@@ -145,27 +145,41 @@ def _wrapper(model, tokenizer, batch_size: int, progress: bool):
     return cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
 
 
-def task_rows(results: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
-    """Per reported task, its numeric metrics from lm-eval's ``results``: the names asked for
-    (a group's own aggregate, not its subtasks) and the tasks a tag expanded to."""
-    per_task, groups = results["results"], results.get("group_subtasks", {})
-    covered: set[str] = set()
-    todo = [n for n in names if n in groups]
-    while todo:
-        children = groups.get(todo.pop(), [])
-        covered.update(children)
-        todo += [c for c in children if c in groups]
-    order = [n for n in names if n in per_task] + [t for t in per_task if t not in names and t not in covered]
+def _metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's ``{"acc,none": 0.5, "alias": ...}`` -> ``{"acc": 0.5}`` (numbers only; a filter
+    other than ``none`` kept as ``metric/filter``; "N/A" stderr of a single document dropped)."""
     out = {}
-    for task in order:
-        metrics = {}
-        for key, value in per_task[task].items():
-            metric, _, filt = key.partition(",")
-            if filt and isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics[metric if filt == "none" else f"{metric}/{filt}"] = float(value)
+    for key, value in entry.items():
+        metric, _, filt = key.partition(",")
+        if filt and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[metric if filt == "none" else f"{metric}/{filt}"] = float(value)
+    return out
+
+
+def reported_tasks(results: dict[str, Any], names: list[str]) -> list[str]:
+    """Which of lm-eval's result entries the row gets: each name asked for (a group with its own
+    aggregate as itself, one without as its subtasks), then the tasks a tag expanded to."""
+    per_task, groups = results["results"], results.get("group_subtasks", {})
+
+    def expand(name: str) -> list[str]:
+        if name in groups and not _metrics(per_task.get(name, {})):
+            return [t for child in groups[name] for t in expand(child)]
+        return [name] if name in per_task else []
+
+    def below(name: str) -> set[str]:
+        return {d for child in groups.get(name, []) for d in (child, *below(child))}
+
+    chosen = list(dict.fromkeys(t for n in names for t in expand(n)))
+    inside = {d for n in names for d in below(n)}
+    return chosen + [t for t in per_task if t not in names and t not in inside and t not in chosen]
+
+
+def task_rows(results: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per reported task (``reported_tasks``): its metrics, documents scored and shots."""
+    out = {}
+    for task in reported_tasks(results, names):
+        metrics = _metrics(results["results"][task])
         samples = results.get("n-samples", {}).get(task, {}).get("effective")
-        if samples is None:
-            samples = per_task[task].get("sample_len")
         if samples is not None:
             metrics["samples"] = int(samples)
         shots = results.get("n-shot", {}).get(task)

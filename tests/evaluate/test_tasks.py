@@ -25,7 +25,7 @@ WORDS = "truth universally acknowledged single man possession good fortune must 
 KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
-def write_task(folder: Path, docs: int = 10) -> Path:
+def write_task(folder: Path, docs: int = 10, name: str = TASK, **extra) -> Path:
     """A multiple-choice lm-eval task (acc and acc_norm) on local JSONL: the task YAML users write."""
     rng = random.Random(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,12 +34,12 @@ def write_task(folder: Path, docs: int = 10) -> Path:
              "label": rng.randrange(4)} for _ in range(docs)]
     data = folder / "toy.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "toy.yaml").write_text(yaml.safe_dump({
-        "task": TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
         "test_split": "test", "fewshot_split": "test", "output_type": "multiple_choice",
         "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "{{choices}}", "doc_to_target": "label",
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-    }))
+        **extra}))
     return folder
 
 
@@ -162,14 +162,52 @@ def test_cli_eval_tasks_offline_writes_lm_evals_numbers(tmp_path, tiny_model_dir
     assert "lm_eval" not in proc.stderr and "pretrained` model kwarg" not in proc.stderr
 
 
-def test_unknown_task_names_say_which_and_how_to_find_valid_ones(tasks_dir):
-    with pytest.raises(CompressError) as e:
-        task_manager(TasksConfig(names=[TASK, "arc_easyy"], include_path=str(tasks_dir)))
-    assert str(e.value) == (
-        "evaluate.tasks.names: unknown lm-eval task(s) 'arc_easyy' (did you mean arc_easy, arc_eu_easy, arc_es?): "
-        f"not among lm-eval 0.4.13's tasks or in {tasks_dir}. `lm-eval ls tasks` lists the built-in names; your "
-        "own task YAML files go in a folder given as evaluate.tasks.include_path (compress eval --include-path) "
-        "(lm-eval skips a YAML file it cannot parse)")
+def test_a_group_reports_its_aggregate_or_its_tasks_and_a_tag_its_tasks(tmp_path, tiny_tokenizer, offline):
+    folder = tmp_path / "mine"
+    for name in ("ta", "tb", "tc", "td"):
+        write_task(folder, name=name)
+    for name in ("te", "tf"):
+        write_task(folder, name=name, tag="tg")
+    (folder / "groups.yaml").write_text(yaml.safe_dump(
+        {"group": "gagg", "task": ["ta", "tb"], "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean"}]}))
+    (folder / "plain.yaml").write_text(yaml.safe_dump({"group": "gplain", "task": ["tc", "td"]}))
+    cfg = TasksConfig(names=["gagg", "gplain", "tg"], limit=2, include_path=str(folder))
+    row = run_tasks(tiny_model("llama", 2), tiny_tokenizer, cfg, task_manager(cfg), progress=False)
+    assert sorted({key.split(".")[1] for key in row}) == ["gagg", "tc", "td", "te", "tf"]
+    # every task reads the same documents: the group's mean of ta and tb is their (common) accuracy
+    assert row["tasks.gagg.acc"] == pytest.approx(row["tasks.tc.acc"]) and row["tasks.tc.acc"] == row["tasks.te.acc"]
+    assert "tasks.gagg.acc_norm" not in row and row["tasks.tc.samples"] == 2
+
+
+def test_unknown_task_names_say_which_and_how_to_find_valid_ones(tmp_path, tiny_model_dir, tasks_dir, no_model_load):
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    body = {"model": str(tiny_model_dir), "output": "run", "stages": [{"layer_removal": {"layers": [0]}}],
+            "evaluate": {"tasks": {"names": [TASK, "arc_easyy"], "include_path": str(tasks_dir)}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output == (
+        "Error: evaluate.tasks.names: unknown lm-eval task(s) 'arc_easyy' (did you mean arc_easy, arc_eu_easy, "
+        f"arc_es?): not among lm-eval 0.4.13's tasks or in {tasks_dir}. `lm-eval ls tasks` lists the built-in "
+        "names; your own task YAML files go in a folder given as evaluate.tasks.include_path (compress eval "
+        "--include-path) (lm-eval skips a YAML file it cannot parse)\n")
+
+
+def test_a_layerwise_run_with_tasks_stops_before_loading_weights(tmp_path, tiny_model_dir, no_model_load,
+                                                                  monkeypatch):
+    from compress.pipeline import Pipeline, run_recipe
+
+    monkeypatch.setattr(Pipeline, "choose_layerwise", lambda self: True)  # as if the weights did not fit
+    body = {"model": str(tiny_model_dir), "output": "run", "stages": [{"layer_removal": {"layers": [0]}}],
+            "evaluate": {"tasks": {"names": ["arc_easy"]}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
+    with pytest.raises(CompressError, match=r"evaluate.tasks: the weights do not fit \w+, so this would be a "
+                                            r"layer-wise run, and lm-eval runs the whole model on one device"):
+        run_recipe(tmp_path / "r.yaml", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_without_lm_eval_the_error_says_how_to_install(monkeypatch):
