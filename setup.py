@@ -24,7 +24,9 @@ setup(
         "quant": ["bitsandbytes>=0.49,<0.51"],  # stage bnb4 (CUDA, and CPU since 0.48)
         # stage gptq: GPTQModel 7.6.0 is the last release for torch < 2.14 (it pins numpy 2.2.6)
         "gptq": ["gptqmodel==7.6.0", "optimum>=2,<3"],
-        # lm-eval: the MMLU parity test runs its own scoring code (offline, local data)
+        # evaluate.tasks / `compress eval --tasks`: lm-evaluation-harness's own task code
+        "tasks": ["lm-eval==0.4.13"],
+        # lm-eval: the MMLU parity and task tests run its own scoring code (offline, local data)
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "lm-eval==0.4.13", "bitsandbytes>=0.49,<0.51",
                  "gptqmodel==7.6.0", "optimum>=2,<3"],
     },

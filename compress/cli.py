@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from compress.errors import CompressError
-from compress.limits import MAX_LIMIT, MAX_SAMPLES, MAX_SEED, MAX_SEQ_LEN, MAX_TOKENS
+from compress.limits import MAX_COUNT, MAX_LIMIT, MAX_SAMPLES, MAX_SEED, MAX_SEQ_LEN, MAX_TOKENS
 
 # Bounds of the numbers that reach torch: beyond them it overflows (a traceback) or runs forever.
 SEQ_LEN = click.IntRange(2, MAX_SEQ_LEN)
@@ -76,6 +76,10 @@ def validate(recipe: Path) -> None:
     r = load_recipe(recipe)
     facts = model_facts(read_config(r.model, r.revision, r.trust_remote_code))
     warnings = check_against_model(r, facts)
+    if r.evaluate.tasks is not None:
+        from compress.evaluate.tasks import task_manager
+
+        task_manager(r.evaluate.tasks)  # the task names exist (lm-eval's index; no data is read)
     status = output_status(r.output, r.fingerprint())
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -131,7 +135,12 @@ def score(model, metric, remove, data, dataset, split, samples, seq_len, seed, s
 @click.option("--max-tokens", default=1_000_000, show_default=True, type=click.IntRange(2, MAX_TOKENS))
 @click.option("--mmlu", "mmlu", help="MMLU: a local folder (CSV layout) or JSONL file, or a hub id (cais/mmlu).")
 @click.option("--shots", default=5, show_default=True, type=click.IntRange(0, 20))
-@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), help="MMLU questions per subject.")
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT),
+              help="MMLU: questions per subject; --tasks: documents per task.")
+@click.option("--tasks", "tasks", help="lm-eval tasks, comma-separated (arc_easy,hellaswag); `lm-eval ls tasks` lists them.")
+@click.option("--num-fewshot", type=click.IntRange(0, 1000), help="--tasks: few-shot examples (default: each task's own).")
+@click.option("--include-path", type=click.Path(), help="--tasks: a folder of your own lm-eval task YAML files.")
+@click.option("--tasks-batch-size", default=8, show_default=True, type=click.IntRange(1, MAX_COUNT))
 @click.option("--efficiency", is_flag=True, help="Also measure prefill latency and decode tokens/s.")
 @click.option("--prompt-tokens", default=512, show_default=True, type=TOKENS)
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(2, MAX_SEQ_LEN))
@@ -141,17 +150,20 @@ def score(model, metric, remove, data, dataset, split, samples, seq_len, seed, s
 @click.option("--allow-pickle-weights", is_flag=True,
               help="Also read pickle (.bin) weights, with torch.load(weights_only=True); default: safetensors only.")
 @user_errors
-def evaluate(model, ppl, ppl_split, seq_len, max_tokens, mmlu, shots, limit, efficiency, prompt_tokens,
-             new_tokens, dtype, device, out, allow_pickle_weights) -> None:
-    """Evaluate any MODEL (hub id or folder, ours or not): size, perplexity, latency."""
-    from compress.evaluate.suite import EfficiencyConfig, evaluate_model, mmlu_source, perplexity_source
+def evaluate(model, ppl, ppl_split, seq_len, max_tokens, mmlu, shots, limit, tasks, num_fewshot, include_path,
+             tasks_batch_size, efficiency, prompt_tokens, new_tokens, dtype, device, out,
+             allow_pickle_weights) -> None:
+    """Evaluate any MODEL (hub id or folder, ours or not): size, perplexity, MMLU, lm-eval tasks, latency."""
+    from compress.evaluate.suite import (EfficiencyConfig, evaluate_model, mmlu_source, perplexity_source,
+                                         tasks_source)
     from compress.report import table
 
     source = perplexity_source(ppl, ppl_split, seq_len, max_tokens) if ppl is not None else None
     eff = EfficiencyConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens) if efficiency else None
     mm = mmlu_source(mmlu, shots, limit) if mmlu is not None else None
-    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, dtype=dtype, device=device, out=out,
-                         allow_pickle=allow_pickle_weights)
+    lm_tasks = tasks_source(tasks, num_fewshot, limit, tasks_batch_size, include_path)
+    row = evaluate_model(model, ppl=source, efficiency=eff, mmlu=mm, tasks=lm_tasks, dtype=dtype, device=device,
+                         out=out, allow_pickle=allow_pickle_weights)
     click.echo(table([row]))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from compress.errors import CompressError
 from compress.model_io import read_json, write_atomic
 from compress.paths import kind, output_folder, regular_file
+from compress.evaluate.tasks import PREFIX as TASK_PREFIX, higher_is_better, metric_columns
 from compress.report import COLUMNS, save_figure, table
 
 _NUMBERS = [key for key, _, fmt in COLUMNS if fmt != "{}"] + ["layers", "bits"]
@@ -19,7 +20,7 @@ def _row_problems(row: Any, index: int) -> list[str]:
     if not isinstance(row, dict):
         return [f"rows[{index}] should be an object, got {type(row).__name__}"]
     problems = [] if isinstance(row.get("step"), str) else [f"rows[{index}].step should be a string"]
-    for key in _NUMBERS:
+    for key in [*_NUMBERS, *(k for k in row if isinstance(k, str) and k.startswith(TASK_PREFIX))]:
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             problems.append(f"rows[{index}].{key} should be a number, got {value!r}")
@@ -125,8 +126,8 @@ def _decode_bars(rows, path: Path) -> bool:
 
 
 def stage_plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    """Perplexity, MMLU and KL vs weight memory (Pareto front marked), decode speed per stage: the
-    file names written to ``out`` (plots without data are skipped)."""
+    """Perplexity, MMLU, KL and each lm-eval task metric vs weight memory (Pareto front marked),
+    decode speed per stage: the file names written to ``out`` (plots without data are skipped)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     if len(rows) > 1 and _scatter(rows, "ppl", "perplexity (log scale, lower is better)", False, out / "ppl_vs_weights.png"):
@@ -136,6 +137,12 @@ def stage_plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
     if len(rows) > 1 and _scatter(rows, "kl_mean", "mean KL vs baseline (nats/token, lower is better)", False,
                                   out / "kl_vs_weights.png", log_y=False):
         plots.append("kl_vs_weights.png")
+    for key, header in metric_columns(rows) if len(rows) > 1 else []:
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.removeprefix(TASK_PREFIX))
+        better = "higher" if higher_is_better(key) else "lower"
+        if _scatter(rows, key, f"{header} (lm-eval, {better} is better)", higher_is_better(key),
+                    out / f"task_{name}_vs_weights.png", log_y=False):
+            plots.append(f"task_{name}_vs_weights.png")
     if _decode_bars(rows, out / "decode_tok_s.png"):
         plots.append("decode_tok_s.png")
     return plots

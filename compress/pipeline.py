@@ -35,9 +35,10 @@ from compress.evaluate.memory import disk_bytes
 from compress.evaluate.perplexity import make_windows
 from compress.evaluate.suite import (efficiency_metrics, mmlu_metrics, mmlu_questions, perplexity_description,
                                      perplexity_metrics, perplexity_tokens, size_metrics)
+from compress.evaluate.tasks import run_tasks, task_manager
 from compress.model_io import (PROVENANCE, check_fits, check_fits_anywhere, load_model, model_facts, read_config, replace_dir,
                                resolve_device, resolve_dtype, save_checkpoint, source_info, write_atomic)
-from compress.recipe import Recipe, calibration_sets, check_against_model, load_recipe
+from compress.recipe import LAYERWISE_TASKS, Recipe, calibration_sets, check_against_model, load_recipe
 from compress.report import write_report
 from compress.run_folder import choose_work_folder, hold_run_lock, model_identity, start_run_folder
 from compress.stages import STAGES
@@ -122,6 +123,13 @@ class Pipeline:
         self.device = resolve_device(recipe.device)
         self.dtype = resolve_dtype(recipe.dtype, self.config)
         self.layerwise = self.choose_layerwise()
+        if self.layerwise and recipe.evaluate.tasks is not None:
+            raise CompressError(f"{recipe.path}: evaluate.tasks: the weights do not fit {self.device}, so this "
+                                f"would be a layer-wise run, and {LAYERWISE_TASKS}. Drop evaluate.tasks, use "
+                                "`device_map: auto` (lm-eval runs accelerate-dispatched models), or run "
+                                "`compress eval --tasks` on a saved checkpoint where it fits")
+        # checks the task names (and builds lm-eval's task index) before any weights load
+        self._tasks = task_manager(recipe.evaluate.tasks) if recipe.evaluate.tasks is not None else None
         self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
         self.folder = prepare_output(recipe, overwrite, model_identity(self.source))
         self.final_folder = recipe.output
@@ -181,6 +189,8 @@ class Pipeline:
             if self._mmlu is None:
                 self._mmlu = mmlu_questions(evaluate.mmlu)
             metrics.update(mmlu_metrics(model, tokenizer, self._mmlu, evaluate.mmlu, self.progress))
+        if evaluate.tasks is not None and self.should_evaluate(step):
+            metrics.update(run_tasks(model, tokenizer, evaluate.tasks, self._tasks, self.progress))
         if evaluate.efficiency is not None and self.should_evaluate(step):
             if self.layerwise:  # latency of a model streamed layer by layer says nothing
                 metrics["latency_skipped"] = "weights in CPU memory (layer-wise run); use `compress eval` where it fits"

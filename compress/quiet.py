@@ -4,9 +4,11 @@ transformers imports torchao (a GPTQModel dependency) as soon as its model class
 not a recipe quantizes; on a machine without torchao's CUDA kernels or Triton that logs "Failed to
 load .../_C_mxfp8...so", "Detected no triton" and torch pytree deprecation notices. GPTQModel
 prints a banner and a GIL warning on import; bitsandbytes logs which CPU kernels it lacks. None of
-it is about the user's run. ``quiet_backends()`` raises those libraries' loggers to ERROR and
-ignores their Python warnings for the duration of a block, then restores exactly what was set
-before: compress's own log and everyone else's warnings are untouched.
+it is about the user's run; nor is lm-eval's (``evaluate.tasks``) log of each evaluator step and its
+warning that a model object came instead of a name (compress logs what ran and the results).
+``quiet_backends()`` raises those libraries' loggers to ERROR and ignores their Python warnings
+for the duration of a block, then restores exactly what was set before: compress's own log and
+everyone else's warnings are untouched.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from collections.abc import Iterator
 from types import ModuleType
 
 LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "logbar", "bitsandbytes", "optimum", "tokenicer",
-           "defuser")
-MODULES = r"(torchao|gptqmodel|logbar|bitsandbytes|optimum|defuser|tokenicer)(\.|$)"
+           "defuser", "lm_eval")
+MODULES = r"(torchao|gptqmodel|logbar|bitsandbytes|optimum|defuser|tokenicer|lm_eval)(\.|$)"
 
 
 @contextlib.contextmanager

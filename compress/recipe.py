@@ -24,6 +24,7 @@ from compress.data.pg19 import BUILDERS
 from compress.data.sources import CalibrationConfig, TextSource
 from compress.errors import CompressError
 from compress.evaluate.suite import EfficiencyConfig, FidelityConfig, MMLUConfig, PerplexityConfig
+from compress.evaluate.tasks import TasksConfig
 import compress.model_io as model_io
 from compress.model_checks import memory_problem, positions_problem
 from compress.model_io import local_model_dir, parse_size
@@ -47,6 +48,7 @@ class EvaluateConfig(_Strict):
     mmlu: MMLUConfig | None = None
     efficiency: EfficiencyConfig | None = None
     fidelity: FidelityConfig | None = None  # KL / top-1 agreement vs the baseline, on the perplexity text
+    tasks: TasksConfig | None = None  # lm-eval tasks (arc_easy, hellaswag, your own YAML) via lm-eval's HFLM
 
 
 class _Top(_Strict):
@@ -293,6 +295,23 @@ def _data_paths(key: str, source) -> dict[str, Path]:
     return {f"{key}.path": Path(source.path)} if source.path is not None else {}
 
 
+LAYERWISE_TASKS = ("lm-eval runs the whole model on one device, but a layer-wise run keeps the weights in "
+                   "CPU memory and streams one layer at a time")
+
+
+def _resolve_tasks(tasks: TasksConfig | None, base: Path, errors: list[str]) -> TasksConfig | None:
+    """``include_path`` resolved against the recipe's folder; it must be a folder."""
+    if tasks is None or tasks.include_path is None:
+        return tasks
+    path = _local_path(tasks.include_path, base, "evaluate.tasks.include_path", errors)
+    if path is None:
+        return tasks
+    if not path.is_dir():
+        errors.append(f"evaluate.tasks.include_path: {path} is not a folder (give the folder that holds "
+                      "your lm-eval task YAML files)")
+    return tasks.model_copy(update={"include_path": str(path)})
+
+
 def _os_reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e)  # without the (long) path OSError repeats
 
@@ -347,6 +366,9 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     base = path.resolve().parent
     _check_chain(specs, names, top, errors)
     model, is_local = _resolve_model(top.model, base, errors)
+    tasks = _resolve_tasks(top.evaluate.tasks, base, errors)
+    if top.layerwise is True and tasks is not None:
+        errors.append(f"evaluate.tasks: {LAYERWISE_TASKS}; set `layerwise: false` or `auto`, or drop evaluate.tasks")
     if top.layerwise is True and top.device_map is not None:
         errors.append("layerwise: true and device_map exclude each other; choose one")
     if top.max_memory is not None and top.device_map is None:
@@ -364,13 +386,15 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
     mmlu = _resolve_source(top.evaluate.mmlu, base, "evaluate.mmlu", errors)
     data = {**_data_paths("calibration", calibration), **_data_paths("evaluate.perplexity", ppl),
             **_data_paths("evaluate.mmlu", mmlu)}
+    if tasks is not None and tasks.include_path is not None:
+        data["evaluate.tasks.include_path"] = Path(tasks.include_path)
     for i, spec in enumerate(specs):
         own = getattr(spec.config, "calibration", None)
         if isinstance(own, CalibrationConfig):
             data.update(_data_paths(f"stages[{i}].{spec.kind}.calibration", own))
     if usable_output is not None:
         errors.extend(output_conflicts(output, Path(model) if is_local else None, base, data))
-    evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu})
+    evaluate = top.evaluate.model_copy(update={"perplexity": ppl, "mmlu": mmlu, "tasks": tasks})
     return Recipe(
         path=path.resolve(), model=model, model_is_local=is_local, revision=top.revision,
         dtype=top.dtype, device=top.device, device_map=top.device_map, max_memory=top.max_memory,

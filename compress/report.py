@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
+from compress.evaluate.tasks import PREFIX as TASK_PREFIX, metric_columns, stderr_key
 from compress.model_io import disk_full_error, is_disk_full, write_atomic
 
 COLUMNS = [  # (key, header, format)
@@ -30,13 +31,20 @@ _SCALE = {"params": 1e-6, "weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2*
 _DELTAS = ("params", "weight_bytes", "ppl", "mmlu", "prefill_ms", "decode_tok_s")
 
 
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The table's columns that some row has: COLUMNS, with one per lm-eval task metric after MMLU."""
+    at = next(i for i, c in enumerate(COLUMNS) if c[0] == "mmlu") + 1
+    tasks = [(key, header, "{:.3f}") for key, header in metric_columns(rows)]
+    return [c for c in COLUMNS[:at] + tasks + COLUMNS[at:] if any(r.get(c[0]) is not None for r in rows)]
+
+
 def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row plus ``<key>_delta_pct``: change vs the baseline row, in percent."""
     base = rows[0]
     out = []
     for row in rows:
         extra = {}
-        for key in _DELTAS:
+        for key in (*_DELTAS, *(key for key, _ in metric_columns([row]))):
             if row.get(key) is not None and base.get(key):
                 extra[f"{key}_delta_pct"] = 100.0 * (row[key] - base[key]) / base[key]
         out.append({**row, **extra})
@@ -48,6 +56,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if value is None:
         return "–"
     text = fmt.format(value * _SCALE.get(key, 1))
+    if key.startswith(TASK_PREFIX) and row.get(stderr_key(key)) is not None:
+        text += f" ±{row[stderr_key(key)]:.3f}"
     delta = row.get(f"{key}_delta_pct")
     if delta is not None and row["step"] != "baseline":
         text += f" ({delta:+.1f}%)"
@@ -56,7 +66,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The stage table as Markdown (columns that no row has are left out)."""
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cols = columns(rows)
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in with_deltas(rows):
         lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")

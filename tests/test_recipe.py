@@ -96,6 +96,36 @@ def test_bad_recipes_name_the_key_and_what_is_allowed(tmp_path, good, mutate, ex
     assert expected in message
 
 
+@pytest.mark.parametrize("tasks, expected", [
+    ({"names": ["arc_easy"], "shots": 5}, "evaluate.tasks.shots: unknown key"),
+    ({"names": ["arc_easy"], "limit": 0}, "evaluate.tasks.limit: Input should be greater than or equal to 1 (got 0)"),
+    ({"names": ["arc_easy"], "num_fewshot": -1},
+     "evaluate.tasks.num_fewshot: Input should be greater than or equal to 0 (got -1)"),
+    ({"names": ["arc_easy"], "batch_size": 0}, "evaluate.tasks.batch_size: Input should be greater than or equal to 1"),
+    ({"names": []}, "evaluate.tasks.names: List should have at least 1 item"),
+    ({}, "evaluate.tasks.names: required key is missing"),
+    ({"names": "arc_easy"}, "evaluate.tasks.names: Input should be a valid list (got 'arc_easy')"),
+    ({"names": ["arc_easy", "arc_easy"]}, "evaluate.tasks.names: a task is named twice: ['arc_easy']"),
+    ({"names": ["arc_easy,hellaswag"]}, "evaluate.tasks.names: task names are non-empty and have no commas"),
+    ({"names": ["mine"], "include_path": "no-such-folder"},
+     "evaluate.tasks.include_path: {tmp}/no-such-folder is not a folder"),
+])
+def test_bad_evaluate_tasks_name_the_key(tmp_path, good, tasks, expected):
+    good["evaluate"]["tasks"] = tasks
+    assert expected.format(tmp=tmp_path) in error_of(tmp_path, good)
+
+
+def test_evaluate_tasks_resolve_include_path_and_refuse_layerwise(tmp_path, good):
+    (tmp_path / "my-tasks").mkdir()
+    good["evaluate"]["tasks"] = {"names": ["mine", "arc_easy"], "include_path": "my-tasks", "limit": 3}
+    tasks = load_recipe(write(tmp_path, good)).evaluate.tasks
+    assert tasks.include_path == str(tmp_path / "my-tasks") and tasks.names == ["mine", "arc_easy"]
+    assert (tasks.num_fewshot, tasks.limit, tasks.batch_size) == (None, 3, 8)
+    good["layerwise"] = True
+    assert ("evaluate.tasks: lm-eval runs the whole model on one device, but a layer-wise run keeps the "
+            "weights in CPU memory") in error_of(tmp_path, good)
+
+
 def test_every_problem_is_listed_at_once(tmp_path, good):
     good["colour"] = "red"
     good["calibration"]["samples"] = -1

@@ -17,6 +17,7 @@ from compress.limits import MAX_COUNT, MAX_LIMIT, MAX_SEQ_LEN, MAX_TOKENS
 from compress.evaluate.latency import bandwidth_floor_share, copy_bandwidth, measure_latency
 from compress.evaluate.memory import PeakMemory, parameter_count, weight_bytes
 from compress.evaluate.perplexity import perplexity
+from compress.evaluate.tasks import TasksConfig, run_tasks, task_manager
 from compress.surgery import decoder_layers
 
 log = logging.getLogger("compress")
@@ -196,12 +197,41 @@ def efficiency_metrics(model, cfg: EfficiencyConfig) -> dict[str, Any]:
     return out
 
 
+def tasks_source(names: str | None, num_fewshot: int | None, limit: int | None, batch_size: int,
+                 include_path: str | None) -> TasksConfig | None:
+    """`compress eval --tasks a,b`: lm-eval tasks; ``--include-path`` a folder of task YAML files.
+    None without --tasks."""
+    if names is None:
+        given = [flag for flag, value in (("--num-fewshot", num_fewshot), ("--include-path", include_path))
+                 if value is not None]
+        if given:
+            raise CompressError(f"{' and '.join(given)}: only used with --tasks (e.g. --tasks arc_easy)")
+        return None
+    if include_path is not None:
+        folder = Path(include_path).expanduser()
+        if not folder.is_dir():
+            raise CompressError(f"--include-path: {include_path} is not a folder (give the folder that holds "
+                                "your lm-eval task YAML files)")
+        include_path = str(folder.resolve())
+    listed = [n.strip() for n in names.split(",") if n.strip()]
+    if not listed:
+        raise CompressError(f"--tasks: no task names in {names!r}; give lm-eval task names separated by commas, "
+                            "e.g. --tasks arc_easy,hellaswag")
+    try:
+        return TasksConfig(names=listed, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                           include_path=include_path)
+    except ValueError as e:  # pydantic's ValidationError: a name given twice
+        raise CompressError(f"--tasks: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: EfficiencyConfig | None,
-                   mmlu: MMLUConfig | None = None, dtype: str = "auto", device: str = "auto",
-                   progress: bool = True, out: Path | None = None, allow_pickle: bool = False) -> dict[str, Any]:
-    """`compress eval`: size, perplexity and latency of any model (ours or not); with ``out`` the row
-    is also written there as JSON. ``allow_pickle``: also read .bin weights (``--allow-pickle-weights``).
-    Paths, the device and the model's position limit are checked before the model loads."""
+                   mmlu: MMLUConfig | None = None, tasks: TasksConfig | None = None, dtype: str = "auto",
+                   device: str = "auto", progress: bool = True, out: Path | None = None,
+                   allow_pickle: bool = False) -> dict[str, Any]:
+    """`compress eval`: size, perplexity, MMLU, lm-eval tasks and latency of any model (ours or
+    not); with ``out`` the row is also written there as JSON. ``allow_pickle``: also read .bin
+    weights (``--allow-pickle-weights``). Paths, the device, the model's position limit and the
+    task names are checked before the model loads."""
     import json
 
     from compress.evaluate.memory import disk_bytes
@@ -224,6 +254,7 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
                                   max_positions) if efficiency else None]
     if any(problems):
         raise CompressError(f"model {name!r}: " + "; ".join(p for p in problems if p))
+    manager = task_manager(tasks, "--tasks") if tasks is not None else None
     net, tokenizer = load_model(name, dtype=resolve_dtype(dtype, config), device=dev,
                                 allow_pickle=allow_pickle, pickle_hint=PICKLE_FLAG_HINT)
     row: dict[str, Any] = {"step": Path(name).name, "model": name, **size_metrics(net)}
@@ -234,6 +265,8 @@ def evaluate_model(model: str, *, ppl: PerplexityConfig | None, efficiency: Effi
                                        bos=tokenizer.bos_token_id))
     if mmlu is not None:
         row.update(mmlu_metrics(net, tokenizer, mmlu_questions(mmlu), mmlu, progress))
+    if tasks is not None:
+        row.update(run_tasks(net, tokenizer, tasks, manager, progress))
     if efficiency is not None:
         row.update(efficiency_metrics(net, efficiency))
     if out is not None:
