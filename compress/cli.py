@@ -62,6 +62,11 @@ def run(recipe: Path, overwrite: bool, no_progress: bool) -> None:
     report = run_recipe(recipe, overwrite=overwrite, progress=not no_progress)
     click.echo(table(report["rows"]))
     click.echo(f"\nreport: {Path(report['output']) / 'report.md'}")
+    failed = [e for e in report.get("verify") or [] if e["ok"] is False]
+    if failed:
+        names = ", ".join(f"{e['checkpoint']} ({e['engine']}: {e['status']})" for e in failed)
+        raise click.ClickException(f"serving check failed for {names}; the checkpoints and report are written, "
+                                   "see report.md \"Serving checks\"")
 
 
 @main.command()
@@ -188,6 +193,48 @@ def inspect(checkpoint: Path) -> None:
     from compress.report import describe_provenance, read_provenance
 
     click.echo(describe_provenance(checkpoint, read_provenance(checkpoint)))
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--engine", default="vllm", show_default=True, type=click.Choice(["vllm", "transformers"]),
+              help="vllm: vLLM from its own environment (--python); transformers: plain from_pretrained in a "
+                   "fresh process (--python picks another transformers, e.g. vLLM's).")
+@click.option("--python", "python", help="Python of the engine's environment (default for vllm: "
+                                         "$COMPRESS_VLLM_PYTHON; build one with `bash scripts/vllm-env.sh`).")
+@click.option("--prompts", "prompts", type=click.Path(path_type=Path),
+              help="Prompts: a .txt file (one per line, \\n for a newline) or .jsonl with a \"prompt\" field.")
+@click.option("--tokens", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="Greedy tokens generated per prompt.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Both sides' dtype; auto: float32 for float checkpoints, bfloat16 for quantized ones.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), help="Quantized: least top-1 agreement (default 0.90).")
+@click.option("--max-dlogp", type=click.FloatRange(0), help="Quantized: largest |Δ logprob| (default 0.5).")
+@click.option("--engine-log", type=click.Path(path_type=Path), help="Keep the engine's own log in this file.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@user_errors
+def verify(checkpoints, engine, python, prompts, tokens, dtype, min_top1, max_dlogp, engine_log, json_out) -> None:
+    """Load CHECKPOINTS in a serving engine and compare its greedy tokens with transformers' (exit 1 if any differs)."""
+    import json as _json
+
+    from compress.model_io import write_atomic
+    from compress.verify.verify import VerifyOptions, read_prompts, table, verify_checkpoints
+
+    options = VerifyOptions(engine=engine, python=python, tokens=tokens, dtype=dtype, engine_log=engine_log)
+    if prompts is not None:
+        options.prompts = read_prompts(prompts)
+    if min_top1 is not None:
+        options.min_top1 = min_top1
+    if max_dlogp is not None:
+        options.max_dlogp = max_dlogp
+    results = verify_checkpoints(list(checkpoints), options)
+    click.echo(table(results))
+    if json_out is not None:
+        write_atomic(json_out, _json.dumps([r.to_json() for r in results], indent=2))
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
 
 if __name__ == "__main__":
     main()

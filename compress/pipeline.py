@@ -259,6 +259,7 @@ class Pipeline:
             rows.append(row)
             records.append(record)
             write_report(self.folder, self._report(rows))
+        self._verify()
         report = self._report(rows)
         write_report(self.folder, report)
         if self.folder != self.final_folder:
@@ -330,6 +331,18 @@ class Pipeline:
             row["checkpoint"], row["disk_bytes"] = entry["checkpoint"], entry["disk_bytes"]
         return row, record, model
 
+    def _verify(self) -> None:
+        """The recipe's ``verify:`` engines on every saved checkpoint, once (kept in state for a resume)."""
+        if not self.recipe.verify:
+            return
+        path = self.folder / "state" / "verify.json"
+        if path.exists():
+            log.info("resume: serving checks already done")
+            return
+        from compress.verify.verify import verify_saved
+
+        write_atomic(path, json.dumps(verify_saved(self.folder, self.recipe.save, self.recipe.verify), indent=2))
+
     @staticmethod
     def _kept_after(layer_ids: list[int], entry) -> list[int]:
         removed = set(entry["record"]["removed_layers"])
@@ -372,6 +385,8 @@ class Pipeline:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "layerwise": self.layerwise,
             "rows": rows, "stages": stages, "versions": _versions(),
+            "verify": (json.loads((self.folder / "state" / "verify.json").read_text())
+                       if (self.folder / "state" / "verify.json").exists() else None),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         }

@@ -66,6 +66,7 @@ class _Top(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     stages: list[Any] = Field(min_length=1)
     save: list[str] | None = None
+    verify: list[Literal["vllm", "transformers"]] = []  # serving engines that must load every saved checkpoint
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Recipe:
     stages: list[StageSpec]
     save: list[str]
     raw: dict[str, Any] = field(repr=False)  # the recipe after ${VAR} expansion
+    verify: tuple[str, ...] = ()  # engines each saved checkpoint is verified in (compress.verify)
 
     def fingerprint(self) -> str:
         """Identifies the run: same fingerprint = same recipe (after expansion)."""
@@ -213,6 +215,10 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
         if stage.needs_calibration and top.calibration is None and not own:
             errors.append(f"stages[{i}].{spec.kind}: needs calibration data; add a top-level "
                           "`calibration: {dataset: pg19, samples: 128, seq_len: 2048}` (or `path:`)")
+    if top.verify and top.save == []:
+        errors.append("verify: checks saved checkpoints, but save: [] saves none; name the stages to save")
+    if len(set(top.verify)) != len(top.verify):
+        errors.append(f"verify: lists an engine twice ({top.verify}); name each once")
     for j, name in enumerate(top.save or []):
         if name not in names:
             errors.append(f"save[{j}]: {_short(name)} is not a stage of this recipe; stages: {names}")
@@ -403,7 +409,7 @@ def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw:
         output=output,
         calibration=calibration, evaluate=evaluate, stages=specs,
         save=list(top.save) if top.save is not None else ([specs[-1].name] if specs else []),
-        raw=raw,
+        raw=raw, verify=tuple(top.verify),
     )
 
 

@@ -128,6 +128,10 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         parts.append(f"- **{stage['name']}**: {stage['summary']}")
     parts.append("")
     parts += [f"![{Path(p).stem}]({p})" for p in plots]
+    if report.get("verify"):
+        from compress.verify.verify import markdown_rows
+
+        parts += ["", *markdown_rows(report["verify"])]
     v = report["versions"]
     parts += ["", f"compress {v['compress']}, torch {v['torch']}, transformers {v['transformers']}, "
                   f"Python {v['python']}; {report['machine']['platform']}", ""]

@@ -1,0 +1,105 @@
+"""Pure comparison of an engine's greedy generations with transformers' reference on the same prompts.
+
+For each prompt the engine gives its greedy tokens and the log-probability of each; the reference gives,
+scored teacher-forced on the *engine's* tokens, transformers' argmax and log-probability at each of those
+positions (``reference.py``: where the argmax equals the engine's token everywhere, transformers' greedy
+continuation is the engine's, token for token). Comparing on the engine's sequence keeps every position
+comparable even after the two sequences part.
+
+Verdicts:
+
+* float checkpoints: the engine's tokens must equal transformers' greedy tokens exactly (same dtype on
+  both sides: any other result means the engine computes a different function);
+* quantized checkpoints: two kernels dequantize and accumulate in different orders, so exact tokens are not
+  expected; the engine must agree with transformers running the same quantized checkpoint on the top-1
+  token at ``min_top1`` of the positions, and the chosen tokens' log-probabilities must differ by at most
+  ``max_dlogp``. Defaults come from measurements (README "Deploying the result").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# From measurements on the CPU box (README "Deploying the result"; 6 default prompts x 32 tokens, SmolLM2-135M,
+# vLLM 0.32.0 CPU vs transformers, bf16 both sides). Two correct bf16 computations of the same function:
+# float checkpoints 0.960-0.984 top-1, max |Δ| 0.18; GPTQ 4-bit, vLLM W4A16 vs GPTQModel 0.974 / 0.217 (and
+# GPTQModel vs a float32 model of the hand-dequantized weights 0.958 / 0.191). A different function -- vLLM's
+# W4A8 path, activations quantized to int8 -- gave 0.803 / 1.66. The thresholds sit between the two: about
+# twice the bf16 noise in |Δ logprob|, well above the W4A8 case.
+QUANTIZED_MIN_TOP1 = 0.90
+QUANTIZED_MAX_DLOGP = 0.5
+
+
+@dataclass
+class PromptAgreement:
+    """One prompt: how far the engine and transformers agree."""
+
+    prompt: int
+    positions: int
+    same_tokens: bool  # engine's greedy tokens == transformers' greedy tokens
+    first_difference: int | None  # position of the first differing token (None: none)
+    top1_agree: float  # share of positions where transformers' argmax == the engine's token
+    max_dlogp: float  # max |engine logprob - transformers logprob| of the engine's tokens
+    engine_token: int | None = None  # at first_difference
+    reference_token: int | None = None
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    quantized: bool
+    prompts: list[PromptAgreement]
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def top1_agree(self) -> float:
+        total = sum(p.positions for p in self.prompts)
+        return sum(p.top1_agree * p.positions for p in self.prompts) / total if total else 1.0
+
+    @property
+    def max_dlogp(self) -> float:
+        return max((p.max_dlogp for p in self.prompts), default=0.0)
+
+    @property
+    def same_tokens(self) -> bool:
+        return all(p.same_tokens for p in self.prompts)
+
+
+def prompt_agreement(index: int, engine_tokens: list[int], engine_logprobs: list[float],
+                     reference_tokens: list[int], forced_argmax: list[int],
+                     forced_logprobs: list[float]) -> PromptAgreement:
+    """``forced_*``: transformers teacher-forced on ``engine_tokens`` (one entry per engine token)."""
+    if not (len(engine_tokens) == len(engine_logprobs) == len(forced_argmax) == len(forced_logprobs)):
+        raise ValueError("engine tokens, engine logprobs and the teacher-forced reference differ in length")
+    n = len(engine_tokens)
+    first = next((i for i, (a, b) in enumerate(zip(engine_tokens, reference_tokens)) if a != b), None)
+    if first is None and len(engine_tokens) != len(reference_tokens):
+        first = min(len(engine_tokens), len(reference_tokens))
+    agree = sum(a == t for a, t in zip(forced_argmax, engine_tokens))
+    dlogp = max((abs(e - r) for e, r in zip(engine_logprobs, forced_logprobs)), default=0.0)
+    return PromptAgreement(
+        prompt=index, positions=n, same_tokens=first is None, first_difference=first,
+        top1_agree=agree / n if n else 1.0, max_dlogp=dlogp,
+        engine_token=engine_tokens[first] if first is not None and first < n else None,
+        reference_token=reference_tokens[first] if first is not None and first < len(reference_tokens) else None)
+
+
+def judge(prompts: list[PromptAgreement], quantized: bool, min_top1: float = QUANTIZED_MIN_TOP1,
+          max_dlogp: float = QUANTIZED_MAX_DLOGP) -> Verdict:
+    """The verdict over all prompts, with the reasons it fails (empty when it passes)."""
+    reasons = []
+    verdict = Verdict(ok=True, quantized=quantized, prompts=prompts)
+    if not quantized:
+        for p in prompts:
+            if not p.same_tokens:
+                reasons.append(f"prompt {p.prompt}: tokens differ from position {p.first_difference} "
+                               f"(engine {p.engine_token}, transformers {p.reference_token})")
+    else:
+        if verdict.top1_agree < min_top1:
+            reasons.append(f"top-1 agreement {verdict.top1_agree:.3f} is below {min_top1:.3f}")
+        if verdict.max_dlogp > max_dlogp:
+            worst = max(prompts, key=lambda p: p.max_dlogp)
+            reasons.append(f"max |Δ logprob| {verdict.max_dlogp:.3f} (prompt {worst.prompt}) is above {max_dlogp:.3f}")
+    verdict.reasons = reasons
+    verdict.ok = not reasons
+    return verdict
