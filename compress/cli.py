@@ -209,8 +209,8 @@ def inspect(checkpoint: Path) -> None:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Both sides' dtype; auto: float32 for float checkpoints, bfloat16 for quantized ones.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), help="Quantized: least top-1 agreement (default 0.90).")
-@click.option("--max-dlogp", type=click.FloatRange(0), help="Quantized: largest |Δ logprob| (default 0.5).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), help="Quantized: least top-1 agreement (default 0.85).")
+@click.option("--max-dlogp", type=click.FloatRange(0), help="Quantized: largest |Δ logprob| (default 1.0).")
 @click.option("--engine-log", type=click.Path(path_type=Path), help="Keep the engine's own log in this file.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @user_errors

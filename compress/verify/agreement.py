@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# From measurements on the CPU box (README "Deploying the result"; 6 default prompts x 32 tokens, SmolLM2-135M,
-# vLLM 0.32.0 CPU vs transformers, bf16 both sides). Two correct bf16 computations of the same function:
-# float checkpoints 0.960-0.984 top-1, max |Δ| 0.18; GPTQ 4-bit, vLLM W4A16 vs GPTQModel 0.974 / 0.217 (and
-# GPTQModel vs a float32 model of the hand-dequantized weights 0.958 / 0.191). A different function -- vLLM's
-# W4A8 path, activations quantized to int8 -- gave 0.803 / 1.66. The thresholds sit between the two: about
-# twice the bf16 noise in |Δ logprob|, well above the W4A8 case.
-QUANTIZED_MIN_TOP1 = 0.90
-QUANTIZED_MAX_DLOGP = 0.5
+# From measurements on the CPU box (README "Deploying the result"; SmolLM2-135M, vLLM 0.32.0 CPU vs transformers,
+# bf16 both sides, 6 default prompts). Two correct bf16 computations of the same function: float
+# checkpoints 0.960-0.984 top-1, max |Δ| 0.18 (32 tokens); the six GPTQ 4-bit checkpoints of the serving
+# tests (plain, and after each pruning stage; vLLM W4A16 vs GPTQModel, 16 tokens) 0.905-0.977 and
+# 0.19-0.57; GPTQModel vs a float32 model of the hand-dequantized weights 0.958 / 0.191. A different
+# function -- vLLM's W4A8 path, activations quantized to int8 -- gave 0.803 / 1.66. The thresholds sit
+# between the two groups.
+QUANTIZED_MIN_TOP1 = 0.85
+QUANTIZED_MAX_DLOGP = 1.0
 
 
 @dataclass

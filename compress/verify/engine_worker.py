@@ -31,6 +31,13 @@ import time
 import traceback
 
 
+MARK = "=== compress verify: checkpoint "  # engines.py cuts the engine's log into per-checkpoint parts
+
+
+def _mark(path: str) -> None:
+    print(f"{MARK}{path}", flush=True)
+
+
 def _write(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -69,6 +76,7 @@ def run_vllm(request: dict, out: dict, result_path: str) -> None:
         entry: dict = {"path": ck["path"]}
         params = SamplingParams(temperature=0.0, max_tokens=request["tokens"], logprobs=1, ignore_eos=True,
                                 stop_token_ids=ck.get("stop_token_ids") or None, detokenize=False)
+        _mark(ck["path"])
         ids_list = ck.get("prompts", request.get("prompts"))
         prompts = [{"prompt_token_ids": ids} for ids in ids_list]
         longest = max(len(ids) for ids in ids_list) + request["tokens"]
@@ -106,6 +114,7 @@ def run_transformers(request: dict, out: dict, result_path: str) -> None:
     out["engine_version"] = transformers.__version__
     for ck in request["checkpoints"]:
         entry: dict = {"path": ck["path"]}
+        _mark(ck["path"])
         name = ck.get("dtype", request["dtype"])
         dtype = getattr(torch, name) if name != "auto" else "auto"
         try:

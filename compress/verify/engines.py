@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,9 +77,9 @@ def run_engine(engine: str, python: str, checkpoints: list[dict[str, Any]], toke
     if not keep and all(r.get("ok") for r in results):
         log_file.unlink(missing_ok=True)
     else:
-        causes = _error_lines(log_file)
         for r in results:
             if not r.get("ok"):
+                causes = _error_lines(log_file, r["path"])
                 r["error"] = (f"{r.get('error')}" + (f"\nfrom the engine's log:\n{causes}" if causes else "")
                               + f"\n(the engine's full log: {log_file})")
     return result
@@ -111,14 +112,21 @@ def _worker(engine: str, python: str, checkpoints: list[dict[str, Any]], tokens:
     return result
 
 
-def _error_lines(path: Path, shown: int = 6) -> str:
-    """The last lines of the engine's log that name an error (vLLM reports a worker's root cause there,
-    and only "see root cause above" in the exception)."""
+def _error_lines(path: Path, checkpoint: str, shown: int = 6) -> str:
+    """The lines of the engine's log, in its last part about ``checkpoint``, that name an error (vLLM
+    reports a worker's root cause there, and only "see root cause above" in the exception)."""
+    mark = f"=== compress verify: checkpoint {checkpoint}"
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    hits = [ln.strip() for ln in lines if ("Error" in ln or "error:" in ln) and "Traceback" not in ln]
+    starts = [i for i, ln in enumerate(lines) if ln == mark]
+    if starts:
+        end = next((i for i in range(starts[-1] + 1, len(lines)) if lines[i].startswith("=== compress verify: ")),
+                   len(lines))
+        lines = lines[starts[-1] + 1:end]
+    messages = [re.sub(r"^.*?\[[\w./-]+:\d+\]\s*", "", ln).strip() for ln in lines if "WARNING" not in ln]
+    hits = [m for m in messages if re.match(r"[\w.]*(Error|Exception)\b[^:]*: ", m)]
     return "\n".join(list(dict.fromkeys(hits))[-shown:])
 
 
