@@ -33,7 +33,7 @@ import yaml
 BOOKS = ["austen-persuasion.txt", "austen-northangerabbey.txt", "austen-mansfieldpark.txt"]
 
 
-def recipe(assets: Path, out: Path, prune: dict, heal: dict, gptq: bool) -> dict:
+def recipe(assets: Path, out: Path, prune: dict, heal: dict, gptq: bool, eval_tokens: int) -> dict:
     books = assets / "books"
     stages = [prune, {"heal": heal}] + ([{"gptq": {"bits": 4, "group_size": 64, "desc_act": False, "sym": True}}]
                                         if gptq else [])
@@ -42,27 +42,30 @@ def recipe(assets: Path, out: Path, prune: dict, heal: dict, gptq: bool) -> dict
             "calibration": {"path": str(books / "austen-emma.txt"), "samples": 32, "seq_len": 256, "seed": 0},
             "evaluate": {"after": ["baseline", "every_stage"],
                          "perplexity": {"path": str(books / "austen-prideprejudice.txt"), "seq_len": 1024,
-                                        "max_tokens": 16384},
+                                        "max_tokens": eval_tokens},
                          "fidelity": {"top_k": 64}},
             "stages": stages, "save": [next(iter(stages[-1]))]}
 
 
-def heal_options(assets: Path, steps: int, samples: int, lr: float) -> dict:
+def heal_options(assets: Path, a) -> dict:
     return {"calibration": {"dataset": "text", "data_files": [str(assets / "books" / b) for b in BOOKS],
-                            "samples": samples, "seq_len": 256, "sampling": "strided"},
-            "validation_samples": 8, "steps": steps, "batch_size": 4, "lr": lr, "rank": 16, "alpha": 32,
-            "top_k": 64, "eval_every": max(1, steps // 8), "checkpoint_every": max(1, steps // 4)}
+                            "samples": a.steps * a.batch + a.val, "seq_len": a.seq_len, "sampling": "strided"},
+            "validation_samples": a.val, "steps": a.steps, "batch_size": a.batch, "lr": a.lr, "rank": 16,
+            "alpha": 32, "top_k": 64, "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4)}
 
 
-def quality(assets: Path, work: Path, steps: int, lr: float, gptq: bool) -> dict:
+PRUNINGS = {"bi7": {"layer_removal": {"metric": "bi", "remove": 7}}, "width25": {"width_pruning": {"fraction": 0.25}}}
+
+
+def quality(assets: Path, work: Path, a) -> dict:
+    """One epoch of heal windows (steps x batch, plus the held-out ones) per pruning in ``a.prune``."""
     from compress.pipeline import run_recipe
 
-    samples = steps * 4 + 8  # one epoch: every training window seen once
     found = {}
-    for name, prune in (("bi7", {"layer_removal": {"metric": "bi", "remove": 7}}),
-                        ("width25", {"width_pruning": {"fraction": 0.25}})):
+    for name in a.prune:
         path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe(assets, work / name, prune, heal_options(assets, steps, samples, lr), gptq)))
+        path.write_text(yaml.safe_dump(recipe(assets, work / name, PRUNINGS[name], heal_options(assets, a),
+                                              not a.no_gptq, a.eval_tokens)))
         start = time.perf_counter()
         report = run_recipe(path, progress=False)
         rows = [{k: r.get(k) for k in ("step", "layers", "params", "ppl", "kl_mean", "top1_agree", "stage_wall_s",
@@ -154,26 +157,35 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--steps", type=int, default=100, help="heal optimizer steps (batch 4 x 256 tokens)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--val", type=int, default=8, help="held-out heal windows")
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens of Pride and Prejudice")
+    ap.add_argument("--prune", nargs="+", default=["bi7", "width25"], choices=sorted(PRUNINGS))
     ap.add_argument("--no-gptq", action="store_true")
     ap.add_argument("--speed-steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "heal.json")
     args = ap.parse_args()
+    args.assets = args.assets.resolve()  # the recipes are written to a temporary folder
     work = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     load = os.getloadavg()
     if args.speed:
         result["speed"] = speed(args.assets, work, args.speed_steps, args.repeats)
     if args.quality:
-        result["quality"] = quality(args.assets, work, args.steps, args.lr, not args.no_gptq)
-        result["quality_settings"] = {"steps": args.steps, "lr": args.lr, "gptq": not args.no_gptq}
+        result["quality"] = quality(args.assets, work, args)
+        result["quality_settings"] = {k: v for k, v in vars(args).items() if k not in ("assets", "out")}
     import transformers
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                          "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                       "python": platform.python_version()}}
-    result["command"] = "PYTHONPATH=. nice -n 5 python benchmarks/heal.py " + " ".join(
-        a for a in os.sys.argv[1:])
+    command = "PYTHONPATH=. nice -n 5 python benchmarks/heal.py " + " ".join(os.sys.argv[1:])
+    for part in ("speed", "quality"):
+        if getattr(args, part):
+            result[f"{part}_command"] = command
+            result[f"{part}_machine"] = result["machine"]
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
