@@ -26,9 +26,11 @@ setup(
         "gptq": ["gptqmodel==7.6.0", "optimum>=2,<3"],
         # evaluate.tasks / `compress eval --tasks`: lm-evaluation-harness's own task code
         "tasks": ["lm-eval==0.4.13"],
+        # stage heal, method lora: LoRA adapters merged back into the weights
+        "heal": ["peft>=0.21,<0.22"],
         # lm-eval: the MMLU parity and task tests run its own scoring code (offline, local data)
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "lm-eval==0.4.13", "bitsandbytes>=0.49,<0.51",
-                 "gptqmodel==7.6.0", "optimum>=2,<3"],
+                 "gptqmodel==7.6.0", "optimum>=2,<3", "peft>=0.21,<0.22"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

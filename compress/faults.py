@@ -5,7 +5,7 @@ reaches that point (SIGKILL by default, ``COMPRESS_CRASH_SIGNAL=INT`` for Ctrl-C
 it there until SIGCONT, as a second process racing the first would find it). Points:
 ``scoring`` (after a calibration batch), ``stage`` (a stage applied, its record not yet stored),
 ``evaluation`` (a perplexity evaluation finished, not yet stored), ``checkpoint`` (weights written
-to the temporary folder, not yet renamed). Unset in normal use: then every call is a no-op.
+to the temporary folder, not yet renamed), ``heal`` (a heal training checkpoint written). Unset in normal use: then every call is a no-op.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("scoring", "stage", "checkpoint", "evaluation")
+POINTS = ("scoring", "stage", "checkpoint", "evaluation", "heal")
 
 
 _SEEN: dict[str, int] = {}

@@ -130,6 +130,9 @@ class Pipeline:
                                 "`compress eval --tasks` on a saved checkpoint where it fits")
         # checks the task names (and builds lm-eval's task index) before any weights load
         self._tasks = task_manager(recipe.evaluate.tasks) if recipe.evaluate.tasks is not None else None
+        if self.layerwise and any(getattr(STAGES[s.kind], "needs_teacher", False) for s in recipe.stages):
+            raise CompressError(f"{recipe.path}: stages: heal trains the whole model, but the weights do not fit "
+                                f"{self.device} (a layer-wise run); use `device_map: auto` or a larger device")
         self.source = source_info(recipe.model, recipe.model_is_local, recipe.revision, self.config)
         self.folder = prepare_output(recipe, overwrite, model_identity(self.source))
         self.final_folder = recipe.output
@@ -137,6 +140,7 @@ class Pipeline:
         self._calibration: dict[str, list[dict[str, torch.Tensor]]] = {}
         self._eval_tokens: torch.Tensor | None = None
         self._mmlu = None
+        self._teachers: dict[str, Any] = {}
 
     def choose_layerwise(self) -> bool:
         """Keep the weights in CPU memory and run layer by layer on the device? Yes if the recipe
@@ -254,6 +258,7 @@ class Pipeline:
         check_tokenizer(recipe, tokenizer)
         rows, records = [self._baseline(model, tokenizer)], []
         layer_ids = self.input_layer_ids()
+        self._teachers = self.teacher_stores(model, tokenizer)
         for index, spec in enumerate(recipe.stages, start=1):
             row, record, model = self._stage(index, spec, model, tokenizer, layer_ids, records)
             rows.append(row)
@@ -266,6 +271,9 @@ class Pipeline:
             replace_dir(self.folder, self.final_folder)
         return report
 
+    def original_num_layers(self) -> int:
+        return (self.source.get("compress") or {}).get("original_num_layers", self.facts.num_layers)
+
     def input_layer_ids(self) -> list[int]:
         """Original indices of the input's layers: 0..L-1, or those a compress checkpoint kept."""
         prior = self.source.get("compress") or {}
@@ -273,6 +281,27 @@ class Pipeline:
         if kept and len(kept) == self.facts.num_layers:
             return list(kept)
         return list(range(self.facts.num_layers))
+
+    def teacher_stores(self, model, tokenizer) -> dict[str, Any]:
+        """Stage name -> the teacher's store on its windows, for every heal stage not yet done: the
+        model as loaded (before the first stage changes weights) computes them once, into
+        state/teacher-<stage>/ (kept: a resumed run reuses a complete one)."""
+        from compress.heal.teacher import build_teacher_store, windows_of
+
+        stores = {}
+        for index, spec in enumerate(self.recipe.stages, start=1):
+            stage = STAGES[spec.kind]
+            if not getattr(stage, "needs_teacher", False) or self.state.load(index, spec.name) is not None:
+                continue
+            own = spec.config.calibration
+            key = f"stages[{index - 1}].{spec.kind}.calibration" if own else "calibration"
+            windows = windows_of(self.calibration(tokenizer, own, key))
+            folder = self.folder / "state" / f"teacher-{spec.name}"
+            log.info("%s: teacher top-%d log-probs on %d windows -> %s", spec.name, spec.config.top_k,
+                     windows.shape[0], folder)
+            stores[spec.name] = build_teacher_store(model, windows, folder, spec.config.top_k, self.device,
+                                                    spec.config.batch_size, self.progress)
+        return stores
 
     def _baseline(self, model, tokenizer) -> dict[str, Any]:
         entry = self.state.load(0, "baseline")
@@ -300,7 +329,10 @@ class Pipeline:
             cal = self.calibration(tokenizer, own, key) if stage.needs_calibration else []
             ctx = StageContext(calibration=cal,
                                tokenizer=tokenizer, device=self.device,
-                               original_layer_ids=list(layer_ids), log=log, progress=self.progress)
+                               original_layer_ids=list(layer_ids), log=log, progress=self.progress,
+                               teacher=self._teachers.get(spec.name),
+                               work_folder=self.folder / "state" / f"{index:02d}-{spec.name}.work",
+                               original_num_layers=self.original_num_layers())
             record = stage.apply(model, ctx)
             model = record.new_model if record.new_model is not None else model
             crash_point("stage")

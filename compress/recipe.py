@@ -201,6 +201,11 @@ def _stage_specs(raw_stages: list[Any], errors: list[str]) -> tuple[list[StageSp
     return specs, names
 
 
+def _prunes(cls) -> bool:
+    """A stage that removes or merges weights (layers, heads, channels): not quantization, not healing."""
+    return not cls.quantizes and not getattr(cls, "needs_pruned_model", False)
+
+
 def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: list[str]) -> None:
     quantized_at = None
     for i, spec in enumerate(specs):
@@ -211,6 +216,9 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
                           f"{specs[quantized_at].name!r}; quantization must be the last stage")
         if cls.quantizes:
             quantized_at = i
+        if getattr(cls, "needs_pruned_model", False) and not any(_prunes(STAGES[s.kind]) for s in specs[:i]):
+            errors.append(f"stages[{i}].{spec.kind}: comes before any pruning stage; it trains the pruned model "
+                          f"toward the model as loaded: put it after one of {sorted(k for k, c in STAGES.items() if _prunes(c))}")
         own = isinstance(getattr(spec.config, "calibration", None), CalibrationConfig)
         if stage.needs_calibration and top.calibration is None and not own:
             errors.append(f"stages[{i}].{spec.kind}: needs calibration data; add a top-level "

@@ -140,6 +140,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     from compress.compare import stage_plots
+    from compress.heal.plot import plot_heal_curve
 
     report = {**report, "rows": with_deltas(report["rows"])}
     plots = []
@@ -147,6 +148,8 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         rel = f"plots/{stage['name']}-scores.png"
         if plot_scores(stage, folder / rel):
             plots.append(rel)
+        if plot_heal_curve(stage, folder / f"plots/{stage['name']}-loss.png"):
+            plots.append(f"plots/{stage['name']}-loss.png")
     run_rows = [{**r, "run": folder.name, "step": f"{folder.name}/{r['step']}"} for r in report["rows"]]
     plots += [f"plots/{name}" for name in stage_plots(run_rows, folder / "plots")]
     write_atomic(folder / "report.json", json.dumps(report, indent=2, default=str))

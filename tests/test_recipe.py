@@ -71,7 +71,7 @@ def test_relative_paths_and_env_vars_resolve_against_the_recipe_file(tmp_path, g
     (lambda r: r["stages"][0]["layer_removal"].update(fraction=0.2), "stages[0].layer_removal: give exactly one of remove, fraction, layers (got ['remove', 'fraction'])"),
     (lambda r: r["stages"][0]["layer_removal"].update(metric="magic"), "stages[0].layer_removal.metric: Input should be 'angular', 'angular_block', 'angular_layer', 'bi', 'ppl_drop', 'relative_magnitude', 'reverse' or 'sequential'"),
     (lambda r: r["calibration"].update(sampling="shuffled"), "calibration.sampling: Input should be 'random' or 'strided' (got 'shuffled')"),
-    (lambda r: r["stages"].append({"prune_heads": {}}), "stages[1]: unknown stage 'prune_heads'; supported: ['bnb4', 'gptq', 'head_pruning', 'layer_merge', 'layer_removal', 'width_pruning']"),
+    (lambda r: r["stages"].append({"prune_heads": {}}), "stages[1]: unknown stage 'prune_heads'; supported: ['bnb4', 'gptq', 'head_pruning', 'heal', 'layer_merge', 'layer_removal', 'width_pruning']"),
     (lambda r: r["stages"].append({"gptq": {"bits": 5}}), "stages[1].gptq.bits: Input should be 2, 3, 4 or 8 (got 5)"),
     (lambda r: r["stages"].extend([{"gptq": {}}, {"bnb4": {}}]), "stages[2].bnb4: comes after quantization stage 'gptq'"),
     (lambda r: r["stages"].append("layer_removal"), "stages[1]: each stage is a mapping with one key"),
@@ -208,7 +208,8 @@ SHIPPED = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 
 def test_every_recipe_file_is_checked():
     assert {"quickstart.yaml", "quickstart-gptq.yaml", "quickstart-merge.yaml", "quickstart-heads.yaml",
-            "quickstart-width.yaml", "llama2-7b-gptq-27pct.yaml", "llama2-7b-bnb4-27pct.yaml"} <= set(SHIPPED)
+            "quickstart-width.yaml", "llama2-7b-gptq-27pct.yaml", "llama2-7b-bnb4-27pct.yaml",
+            "quickstart-heal.yaml", "llama2-7b-bi27-heal-gptq.yaml"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -365,3 +366,20 @@ def test_mmlu_is_no_data_files_source(tmp_path, good):
     """Only text sources take data_files: an MMLU `dataset: json` stays a hub id (no crash here)."""
     good["evaluate"]["mmlu"] = {"dataset": "json", "shots": 0}
     assert load_recipe(write(tmp_path, good)).evaluate.mmlu.dataset == "json"
+
+
+@pytest.mark.parametrize("name,kinds", [("quickstart-heal.yaml", ["layer_removal", "heal"]),
+                                        ("llama2-7b-bi27-heal-gptq.yaml", ["layer_removal", "heal", "gptq"])])
+def test_heal_recipes_heal_after_pruning_on_other_text(name, kinds, monkeypatch, assets):
+    """The heal recipes prune, then heal (then quantize), and heal on text other than the evaluation's."""
+    monkeypatch.setenv("COMPRESS_ASSETS", str(assets))
+    recipe = load_recipe(REPO / "recipes" / name)
+    assert [s.kind for s in recipe.stages] == kinds
+    heal = recipe.stage("heal").config
+    assert heal.method == "lora" and heal.top_k == 64 and heal.calibration.sampling == "strided"
+    assert heal.calibration.samples > heal.validation_samples > 0
+    ppl = recipe.evaluate.perplexity
+    if ppl.path is not None:
+        assert ppl.path not in heal.calibration.data_files and all(Path(f).is_file() for f in heal.calibration.data_files)
+    else:
+        assert (heal.calibration.dataset, heal.calibration.split) == ("pg19", "validation") != (ppl.dataset, ppl.split)

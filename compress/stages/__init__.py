@@ -5,6 +5,7 @@ from __future__ import annotations
 from compress.stages.bnb4 import BnB4
 from compress.stages.gptq import GPTQ
 from compress.stages.head_pruning import HeadPruning
+from compress.stages.heal import Heal
 from compress.stages.layer_merge import LayerMerge
 from compress.stages.layer_removal import LayerRemoval
 from compress.stages.width_pruning import WidthPruning
@@ -14,6 +15,7 @@ STAGES = {
     LayerMerge.name: LayerMerge,
     HeadPruning.name: HeadPruning,
     WidthPruning.name: WidthPruning,
+    Heal.name: Heal,
     BnB4.name: BnB4,
     GPTQ.name: GPTQ,
 }

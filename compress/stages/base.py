@@ -97,6 +97,9 @@ class StageContext:
     original_layer_ids: list[int]  # current layer index -> index in the input model
     log: Any
     progress: bool = True  # show progress bars
+    teacher: Any = None  # heal: the teacher's baseline-logits store on its windows (fidelity.BaselineStore)
+    work_folder: Any = None  # a folder of the run where the stage may keep resume state (Path), or None
+    original_num_layers: int | None = None  # layers of the input model (before any stage)
 
 
 @dataclass
