@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "models/qwen2.5-coder-1.5b-instruct"
 SIZES = {
     "calibration": {"samples": 8, "seq_len": 256},  # BI scoring and GPTQ
-    "slm_calibration": {"samples": 2, "seq_len": 64},  # one forward per candidate window
+    "slm_calibration": {"samples": 2, "seq_len": 32},  # one forward per candidate window
     "slm_search_steps": 6,
     "perplexity": {"seq_len": 512, "max_tokens": 2048},
     "mmlu0": {"shots": 0, "limit": 1},  # 1 question per subject, all 57 subjects
@@ -136,6 +136,8 @@ def main() -> None:
     for part in args.parts.split(","):
         print(f"real_1p5b: running {part}", flush=True)
         entry = {"machine": machine(), **run_part(part, assets, args.work)}
+        if args.out.exists():  # another invocation may have written its parts meanwhile
+            results["parts"] = json.loads(args.out.read_text())["parts"]
         results["parts"][part] = entry
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
