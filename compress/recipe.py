@@ -460,7 +460,8 @@ def check_against_model(recipe: Recipe, facts: ModelFacts) -> list[str]:
         errors.extend(f"{key}.{msg}" for msg in problems)
         warnings.extend(f"{key}: {msg}" for msg in getattr(stage, "warnings", lambda f: [])(current))
         if not problems:  # a refused stage: the later ones are checked as if it changed nothing
-            current = facts_after_stage(current, stage.facts_after(current), key)
+            after = getattr(stage, "facts_after", None)  # optional: a stage without it changes no shape
+            current = facts_after_stage(current, after(current) if after else current, key)
     errors.extend(_sequence_problems(recipe, facts))
     if errors:
         listed = "\n".join(f"  - {m}" for m in errors)
