@@ -111,6 +111,14 @@ class RunState:
     def store(self, index: int, name: str, entry: dict[str, Any]) -> None:
         write_atomic(self.path(index, name), json.dumps(entry, indent=2, default=str))
 
+    def load_named(self, name: str) -> Any:
+        """A run-level record (``state/<name>.json``), e.g. the serving checks; None if not written."""
+        p = self.folder / "state" / f"{name}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def store_named(self, name: str, value: Any) -> None:
+        write_atomic(self.folder / "state" / f"{name}.json", json.dumps(value, indent=2, default=str))
+
 
 class Pipeline:
     """One recipe run. ``run()`` returns the report dict."""
@@ -367,13 +375,12 @@ class Pipeline:
         """The recipe's ``verify:`` engines on every saved checkpoint, once (kept in state for a resume)."""
         if not self.recipe.verify:
             return
-        path = self.folder / "state" / "verify.json"
-        if path.exists():
+        if self.state.load_named("verify") is not None:
             log.info("resume: serving checks already done")
             return
         from compress.verify.verify import verify_saved
 
-        write_atomic(path, json.dumps(verify_saved(self.folder, self.recipe.save, self.recipe.verify), indent=2))
+        self.state.store_named("verify", verify_saved(self.folder, self.recipe.save, self.recipe.verify))
 
     @staticmethod
     def _kept_after(layer_ids: list[int], entry) -> list[int]:
@@ -417,8 +424,7 @@ class Pipeline:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "layerwise": self.layerwise,
             "rows": rows, "stages": stages, "versions": _versions(),
-            "verify": (json.loads((self.folder / "state" / "verify.json").read_text())
-                       if (self.folder / "state" / "verify.json").exists() else None),
+            "verify": self.state.load_named("verify"),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         }

@@ -88,8 +88,8 @@ def prompt_agreement(index: int, engine_tokens: list[int], engine_logprobs: list
 def judge(prompts: list[PromptAgreement], quantized: bool, min_top1: float = QUANTIZED_MIN_TOP1,
           max_dlogp: float = QUANTIZED_MAX_DLOGP) -> Verdict:
     """The verdict over all prompts, with the reasons it fails (empty when it passes)."""
-    reasons = []
-    verdict = Verdict(ok=True, quantized=quantized, prompts=prompts)
+    reasons: list[str] = []
+    verdict = Verdict(ok=False, quantized=quantized, prompts=prompts)
     if not quantized:
         for p in prompts:
             if not p.same_tokens:

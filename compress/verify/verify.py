@@ -105,7 +105,9 @@ def read_prompts(path: Path) -> list[str]:
             if not isinstance(value, str) or not value.strip():
                 raise CompressError(f"--prompts {path}, line {n}: \"prompt\" must be a non-empty string")
             line = value
-        prompts.append(line.replace("\\n", "\n") if path.suffix != ".jsonl" else line)
+        else:
+            line = line.replace("\\n", "\n")
+        prompts.append(line)
     if not prompts:
         raise CompressError(f"--prompts {path}: holds no prompt (one per line, or JSONL with \"prompt\")")
     if len(prompts) > MAX_PROMPTS:
@@ -248,8 +250,9 @@ def verify_saved(folder: Path, names: list[str], engines: tuple[str, ...]) -> li
             entry = r.to_json()
             entry["checkpoint"] = str(Path(r.checkpoint).relative_to(folder))
             out.append(entry)
-            (log.info if r.ok else log.error)("verify: %s in %s: %s%s", entry["checkpoint"], engine, r.status,
-                                              "" if r.ok else f" ({(r.error or '; '.join(r.verdict.reasons)).splitlines()[0]})")
+            why = "" if r.ok else (r.error or "; ".join(r.verdict.reasons)).splitlines()[0]
+            log.log(logging.INFO if r.ok else logging.ERROR, "verify: %s in %s: %s %s", entry["checkpoint"], engine,
+                    r.status, why)
     return out
 
 
