@@ -211,7 +211,12 @@ def _check_chain(specs: list[StageSpec], names: list[str], top: _Top, errors: li
     for i, spec in enumerate(specs):
         cls = STAGES[spec.kind]
         stage = cls(spec.config)
-        if quantized_at is not None:
+        if quantized_at is not None and spec.kind == "gguf":
+            q = specs[quantized_at].name
+            errors.append(f"stages[{i}].gguf: comes after quantization stage {q!r}; llama.cpp converts float "
+                          f"weights and its own quantizer (gguf: {{quant: q4_k_m}}) replaces {q}: drop {q!r} or "
+                          "put gguf in its place")
+        elif quantized_at is not None:
             errors.append(f"stages[{i}].{spec.kind}: comes after quantization stage "
                           f"{specs[quantized_at].name!r}; quantization must be the last stage")
         if cls.quantizes:
@@ -348,10 +353,21 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise CompressError(f"{path}: a recipe is a YAML mapping (model:, output:, stages: ...), "
                             f"got {type(data).__name__}")
+    return recipe_from_data(data, path)
+
+
+def recipe_problems(data: dict[str, Any], path: Path, base: Path | None = None,
+                    allow_no_stages: bool = False) -> tuple[Recipe | None, list[str]]:
+    """``data`` (a recipe mapping) validated: (the recipe, []) or (None, every problem). Relative
+    paths resolve against ``base`` (default: ``path``'s folder); ``path`` names the recipe in
+    messages and its record. ``allow_no_stages``: a baseline-only run (a sweep's root stack)."""
     errors: list[str] = []
     data = expand(data, errors)
+    checked = data
+    if allow_no_stages and data.get("stages") == []:
+        checked = {**data, "stages": [None]}  # the schema's "at least one stage" is the user rule
     try:
-        top = _Top.model_validate(data, strict=True)
+        top = _Top.model_validate(checked, strict=True)
     except ValidationError as e:
         errors.extend(_pydantic_errors(e, "", data))
         top = None
@@ -359,7 +375,14 @@ def load_recipe(path: str | Path) -> Recipe:
     specs, names = _stage_specs(raw_stages, errors)
     recipe = None
     if top is not None:
-        recipe = _build(top, specs, names, path, data, errors)
+        recipe = _build(top, specs, names, path, data, errors, base)
+    return (None, errors) if errors else (recipe, [])
+
+
+def recipe_from_data(data: dict[str, Any], path: Path, base: Path | None = None,
+                     allow_no_stages: bool = False) -> Recipe:
+    """``recipe_problems``, raising CompressError listing every problem."""
+    recipe, errors = recipe_problems(data, path, base, allow_no_stages)
     if errors:
         raise CompressError(_problems(path, errors))
     assert recipe is not None
@@ -376,8 +399,8 @@ def _problems(path: Path, errors: list[str], shown: int = 30) -> str:
 
 
 def _build(top: _Top, specs: list[StageSpec], names: list[str], path: Path, raw: dict,
-           errors: list[str]) -> Recipe | None:
-    base = path.resolve().parent
+           errors: list[str], base: Path | None = None) -> Recipe | None:
+    base = (base or path.resolve().parent).resolve()
     _check_chain(specs, names, top, errors)
     model, is_local = _resolve_model(top.model, base, errors)
     tasks = _resolve_tasks(top.evaluate.tasks, base, errors)
@@ -441,8 +464,10 @@ def _sequence_problems(recipe: Recipe, facts: ModelFacts) -> list[str]:
         lengths.append(("evaluate.efficiency.prompt_tokens + new_tokens", eff.prompt_tokens + eff.new_tokens))
     problems = [positions_problem(key, n, facts.max_position_embeddings) for key, n in lengths]
     available = model_io.available_bytes(torch.device("cpu"))
+    streamed = {f"stages[{i}].{s.kind}.calibration" for i, s in enumerate(recipe.stages)
+                if getattr(STAGES[s.kind], "streams_calibration", False)}
     problems += [memory_problem(f"{key}.samples", cal.samples, cal.seq_len, facts.hidden_size, available)
-                 for key, cal in calibration_sets(recipe)]
+                 for key, cal in calibration_sets(recipe) if key not in streamed]
     return [p for p in problems if p]
 
 

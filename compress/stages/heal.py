@@ -111,6 +111,9 @@ class Heal:
     changes_depth: ClassVar[bool] = False
     quantizes: ClassVar[bool] = False
     replayable: ClassVar[bool] = False  # its checkpoint is the resume point
+    # its own calibration is token windows read batch by batch (no hidden state per token is kept),
+    # so the recipe check's "calibration hidden states fit in memory" does not apply to it
+    streams_calibration: ClassVar[bool] = True
 
     def __init__(self, config: HealConfig) -> None:
         self.config = config

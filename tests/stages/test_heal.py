@@ -287,3 +287,23 @@ def test_kill_during_heal_resumes_to_the_same_weights(tmp_path, tiny_model_dir, 
     assert [r["ppl"] for r in report["rows"]] == [r["ppl"] for r in json.loads((ref_out / "report.json").read_text())["rows"]]
     config = json.loads((out / "checkpoints" / "heal" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and "peft" not in json.dumps(config).lower()
+
+
+def test_heal_calibration_is_not_held_as_hidden_states(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    """The memory check counts a float32 hidden state per calibration token (what scoring keeps);
+    heal reads its windows batch by batch, so a large heal set passes while the same size as the
+    recipe's calibration (scoring's) is refused."""
+    import compress.model_io as model_io
+    from compress.model_io import model_facts, read_config
+    from compress.recipe import check_against_model
+
+    monkeypatch.setattr(model_io, "available_bytes", lambda device: 2**30)
+    big = {"path": str(text_file), "samples": 400_000, "seq_len": 256, "sampling": "strided"}
+    facts = model_facts(read_config(str(tiny_model_dir), None, False))
+    p = write_recipe(tmp_path, tiny_model_dir, text_file, [{"layer_removal": {"metric": "bi", "remove": 1}},
+                                                           {"heal": {"steps": 2, "calibration": big}}])
+    check_against_model(load_recipe(p), facts)  # no error
+    p = write_recipe(tmp_path, tiny_model_dir, text_file, [{"layer_removal": {"metric": "bi", "remove": 1}}],
+                     calibration=big)
+    with pytest.raises(CompressError, match=r"calibration.samples: 400000 samples x 256 tokens need about 25.2 GiB"):
+        check_against_model(load_recipe(p), facts)
