@@ -8,6 +8,13 @@ more than one layer) and start a new window right below it. Merge rule as the pa
 θ = θ_low + Σ_{j≠low} (θ_j − θ_low) over the attention and MLP projections; norms stay the low
 layer's. ``merge_rule: top`` reproduces the released code, whose in-place update leaves θ_high.
 
+Cost: one forward per candidate window (merge state). With ``remove`` the threshold is bisected,
+one walk per step; the walks share a memo of the similarity of every merge state measured (walks at
+nearby thresholds retrace each other), and on the full-model path each state runs only from its
+lowest merged layer up, from the original model's recorded layer inputs (compress.importance.suffix;
+skipped when those inputs would exceed 2 GiB). Both are exact: the same windows as measuring
+every state afresh with a full forward (tests/stages/test_layer_merge.py).
+
 Reference code: 920927/SLM-a-sliding-layer-merging-method ``SLM.py`` (``cal_sim`` and the
 ``while low_lay >= 0`` loop): 10 samples x 128 tokens, threshold 0.72 on ``sample_cosine``.
 
@@ -42,6 +49,7 @@ from tqdm.auto import tqdm
 
 from compress.data.sources import CalibrationConfig
 from compress.importance.similarity import SIMILARITIES, final_hidden_states
+from compress.importance.suffix import MAX_CACHE_BYTES, SuffixRunner, cache_bytes
 from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import decoder_layers, merge_layers, merged_view
@@ -64,24 +72,42 @@ class LayerMergeConfig(StageConfig):
         return self
 
 
+MergeState = tuple[tuple[int, int], ...]
+
+
 def slm_windows(model, batches, reference, threshold: float, similarity: str, rule: str,
                 layerwise_on=None, walk: str = "paper",
-                on_try: Callable[[], Any] | None = None) -> list[tuple[int, int]]:
+                on_try: Callable[[], Any] | None = None,
+                memo: dict[MergeState, float] | None = None,
+                suffix: SuffixRunner | None = None) -> list[tuple[int, int]]:
     """The windows SLM commits at ``threshold`` (current layer numbering, top window first).
 
     ``walk="reference"`` follows the released loop: a window grows while similarity > threshold
     (not >=), and when it grows past layer 0 the loop ends without committing it. ``on_try`` is
-    called after every candidate window is measured (progress)."""
+    called after every candidate window is measured (progress). ``memo`` maps a merge state (the
+    committed windows plus the candidate, in walk order) to its similarity: a state already in it
+    is not run again, and each measured one is added, so walks at other thresholds over the same
+    model, batches, reference, similarity and rule (one ``remove`` search) share their
+    measurements. The walk is the same with or without it (the stored value is the measured one).
+    ``suffix`` (built on the unmerged model and ``batches``): each merged model runs only from its
+    lowest merged layer up, from the recorded inputs (same values as the full forward)."""
     measure = SIMILARITIES[similarity]
     committed: list[tuple[int, int]] = []
     high = len(decoder_layers(model)) - 2  # the last layer is never merged
     while high > 0:
         low = high  # the window [low, high] kept the similarity
         while low - 1 >= 0:
-            with merged_view(model, committed + [(low - 1, high)], rule):
-                s = measure(reference, final_hidden_states(model, batches, layerwise_on))
-            if on_try is not None:
-                on_try()
+            state = (*committed, (low - 1, high))
+            s = memo.get(state) if memo is not None else None
+            if s is None:
+                with merged_view(model, list(state), rule):
+                    hidden = (suffix(min(lo for lo, _ in state)) if suffix is not None
+                              else final_hidden_states(model, batches, layerwise_on))
+                    s = measure(reference, hidden)
+                if memo is not None:
+                    memo[state] = s
+                if on_try is not None:
+                    on_try()
             if (s <= threshold) if walk == "reference" else (s < threshold):
                 break
             low -= 1
@@ -121,21 +147,25 @@ class LayerMerge:
                     f"last layer and keeps one per window (max {facts.num_layers - 2})"]
         return []
 
-    def search(self, model, batches, reference, log, where=None,
-               bar=None) -> tuple[float, list[tuple[int, int]]]:
+    def search(self, model, batches, reference, log, where=None, bar=None,
+               memo: dict[MergeState, float] | None = None,
+               suffix: SuffixRunner | None = None) -> tuple[float, list[tuple[int, int]]]:
         """Bisect the threshold so that SLM removes ``remove`` layers (closest from below if exact
-        is not reachable)."""
+        is not reachable). The walks share one ``memo`` (see ``slm_windows``): a merge state met by
+        an earlier walk is not run again; pass ``{}`` to read how many states were measured."""
         c = self.config
         lo, hi, best = 0.0, 1.0, (1.0, [])
         tick = bar.update if bar is not None else None
+        memo = {} if memo is None else memo  # one search: same model, batches, reference, measure, rule
         for step in range(c.search_steps):
             mid = (lo + hi) / 2
             if bar is not None:
                 bar.set_description(f"layer_merge search step {step + 1}/{c.search_steps}, threshold {mid:.5f}")
             windows = slm_windows(model, batches, reference, mid, c.similarity, c.merge_rule, where,
-                                  c.walk, tick)
+                                  c.walk, tick, memo, suffix)
             n = removed_count(windows)
-            log.info("layer_merge: threshold %.5f removes %d layers", mid, n)
+            log.info("layer_merge: threshold %.5f removes %d layers (%d merge states measured so far)",
+                     mid, n, len(memo))
             if bar is not None:
                 bar.set_postfix(removes=n, target=c.remove)
             if n <= c.remove and n >= removed_count(best[1]):
@@ -151,13 +181,17 @@ class LayerMerge:
         num_layers = len(decoder_layers(model))
         where = layerwise_target(model, ctx.device, c.execution)
         reference = final_hidden_states(model, ctx.calibration, where)
+        suffix = (SuffixRunner(model, ctx.calibration)
+                  if where is None and cache_bytes(model, ctx.calibration) <= MAX_CACHE_BYTES else None)
+        memo: dict[MergeState, float] = {}
         with tqdm(desc="layer_merge", unit="window", disable=not ctx.progress) as bar:
             if c.threshold is not None:
                 threshold = c.threshold
                 windows = slm_windows(model, ctx.calibration, reference, threshold, c.similarity,
-                                      c.merge_rule, where, c.walk, bar.update)
+                                      c.merge_rule, where, c.walk, bar.update, memo, suffix)
             else:
-                threshold, windows = self.search(model, ctx.calibration, reference, ctx.log, where, bar)
+                threshold, windows = self.search(model, ctx.calibration, reference, ctx.log, where, bar, memo,
+                                                 suffix)
         removed = merge_layers(model, windows, c.merge_rule)
         groups = [[ctx.original_layer_ids[j] for j in range(low, high + 1)] for low, high in sorted(windows)]
         return StageRecord(
@@ -166,7 +200,9 @@ class LayerMerge:
                     f"{num_layers - len(removed)} layers, {c.similarity} {'>' if c.walk == 'reference' else '>='} "
                     f"{threshold:.4f}, {c.merge_rule}, {c.walk} walk",
             details={"threshold": threshold, "similarity": c.similarity, "walk": c.walk, "merge_rule": c.merge_rule,
-                     "windows": sorted(windows), "merged_groups_original": groups},
+                     "windows": sorted(windows), "merged_groups_original": groups,
+                     "merge_states_measured": len(memo),
+                     "decoder_layers_run": suffix.layer_calls if suffix is not None else None},
             replay={"windows": sorted(windows), "rule": c.merge_rule},
             removed_layers=removed,
             wall_s=time.perf_counter() - start,

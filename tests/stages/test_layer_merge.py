@@ -256,3 +256,78 @@ def test_own_calibration_set_is_used(tmp_path, tiny_model_dir, text_file):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(body))
     report = run_recipe(tmp_path / "r.yaml", progress=False)  # no top-level calibration needed
     assert [r["layers"] for r in report["rows"]] == [5, 4]
+
+
+def unmemoized_search(model, cal, reference, c: LayerMergeConfig) -> tuple[float, list, int]:
+    """The ``remove`` bisection as it was before the memo: every walk measures every state it meets."""
+    lo, hi, best, walks = 0.0, 1.0, (1.0, []), 0
+    for _ in range(c.search_steps):
+        mid = (lo + hi) / 2
+        windows = slm_windows(model, cal, reference, mid, c.similarity, c.merge_rule, walk=c.walk)
+        walks += 1
+        n = sum(high - low for low, high in windows)
+        if n <= c.remove and n >= sum(high - low for low, high in best[1]):
+            best = (mid, windows)
+        if n == c.remove:
+            break
+        lo, hi = (mid, hi) if n > c.remove else (lo, mid)
+    return best[0], best[1], walks
+
+
+@pytest.mark.parametrize("remove, similarity, walk", [(1, "sample_cosine", "paper"), (3, "cka", "paper"),
+                                                      (1, "token_cosine", "reference")])
+def test_remove_search_memo_measures_fewer_states_and_chooses_the_same_merge(monkeypatch, remove, similarity, walk):
+    import compress.stages.layer_merge as lm
+
+    model = tiny_model("llama", 9)
+    cal = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    ref = final_hidden_states(model, cal)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return final_hidden_states(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "final_hidden_states", counted)
+    config = LayerMergeConfig(remove=remove, similarity=similarity, walk=walk, search_steps=10)
+    threshold, windows, walks = unmemoized_search(model, cal, ref, config)
+    plain = len(calls)
+    calls.clear()
+    memo = {}
+    got = LayerMerge(config).search(model, cal, ref, logging.getLogger("t"), memo=memo)
+    assert got == (threshold, windows)
+    assert walks >= 3 and len(calls) == len(memo) < plain  # one forward per distinct merge state
+    # every stored similarity is the one measured afresh for that merge state
+    state = next(iter(memo))
+    with merged_view(model, list(state), "delta_sum"):
+        assert memo[state] == lm.SIMILARITIES[similarity](ref, final_hidden_states(model, cal))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: mixed sliding/full attention masks
+def test_suffix_runner_gives_the_full_forward_values_exactly(arch):
+    from compress.importance.suffix import SuffixRunner
+
+    model = tiny_model(arch, 6)
+    mask = torch.tensor([[1] * 12, [1] * 9 + [0] * 3])  # right padding on the second row
+    cal = [{"input_ids": IDS, "attention_mask": mask}, {"input_ids": IDS[:1, :7], "attention_mask": mask[:1, :7]}]
+    runner = SuffixRunner(model, cal)
+    for a, b in zip(runner(0), final_hidden_states(model, cal), strict=True):
+        assert torch.equal(a, b)
+    for state in ([(3, 4)], [(3, 4), (1, 2)], [(0, 4)], [(2, 4), (0, 1)]):
+        with merged_view(model, state, "delta_sum"):
+            full = final_hidden_states(model, cal)
+            got = runner(min(lo for lo, _ in state))
+        assert len(got) == len(full) == 3 and all(torch.equal(a, b) for a, b in zip(got, full))
+    assert runner.layer_calls == 6 + 3 + 5 + 6 + 6
+
+
+def test_stage_search_with_memo_and_suffix_chooses_what_the_plain_search_chooses():
+    model = tiny_model("llama", 9)
+    ref = final_hidden_states(model, CAL)
+    config = LayerMergeConfig(remove=3, similarity="cka", search_steps=10)
+    threshold, windows, _ = unmemoized_search(model, CAL, ref, config)
+    record = LayerMerge(config).apply(model, ctx(9))
+    assert (record.details["threshold"], record.details["windows"]) == (threshold, sorted(windows))
+    details = record.details
+    # 9 layers: a plain forward runs 9 decoder layers; the suffix runs fewer per measured state
+    assert 0 < details["decoder_layers_run"] < 9 * details["merge_states_measured"]
