@@ -353,10 +353,11 @@ def disk_full_error(folder: Path, what: str, need: int | None) -> DiskFullError:
                          "left. Free some space there or write to a folder on another disk, then run again")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a partial one.
-    A write that fails leaves no temporary file; disk full or an unwritable place is a CompressError."""
-    data = text.encode("utf-8")
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a file (text, or bytes as they are) so that readers see the old or the new content,
+    never a partial one. A write that fails leaves no temporary file; disk full or an unwritable
+    place is a CompressError."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from compress.report import write_report
 from compress.run_folder import choose_work_folder, hold_run_lock, model_identity, start_run_folder
 from compress.stages import STAGES
 from compress.stages.base import StageContext
+from compress.work_cache import WorkCache, file_stamp
 
 log = logging.getLogger("compress")
 STORE_FOLDER = "state/baseline-logits"  # the baseline's top-k log-probs on the perplexity text
@@ -78,6 +79,13 @@ def check_tokenizer(recipe: Recipe, tokenizer) -> None:
             require_chat_template(tokenizer, key)
     if recipe.evaluate.perplexity is not None and recipe.evaluate.perplexity.bos_per_window:
         bos_token_id(tokenizer, "evaluate.perplexity")
+
+
+def _data_files(source) -> list[Any]:
+    """Size and mtime of a data source's local files (a changed file must not reuse cached work)."""
+    found = [file_stamp(getattr(source, "path", None))]
+    found += [file_stamp(f) for f in (getattr(source, "data_files", None) or [])]
+    return [f for f in found if f]
 
 
 def _versions() -> dict[str, str]:
@@ -123,7 +131,10 @@ class RunState:
 class Pipeline:
     """One recipe run. ``run()`` returns the report dict."""
 
-    def __init__(self, recipe: Recipe, overwrite: bool = False, progress: bool = True) -> None:
+    def __init__(self, recipe: Recipe, overwrite: bool = False, progress: bool = True,
+                 cache_folder: Path | None = None) -> None:
+        """``cache_folder``: where a sweep keeps work shared between its runs (compress.work_cache:
+        tokenized data, layer scores), or None (``compress run``: nothing shared)."""
         self.recipe, self.progress = recipe, progress
         self.config = read_config(recipe.model, recipe.revision, recipe.trust_remote_code)
         self.facts = model_facts(self.config)
@@ -149,6 +160,9 @@ class Pipeline:
         self._eval_tokens: torch.Tensor | None = None
         self._mmlu = None
         self._teachers: dict[str, Any] = {}
+        self.cache = None if cache_folder is None else WorkCache(Path(cache_folder), {
+            "model": model_identity(self.source), "dtype": str(self.dtype), "device": str(self.device),
+            "layerwise": self.layerwise})
 
     def choose_layerwise(self) -> bool:
         """Keep the weights in CPU memory and run layer by layer on the device? Yes if the recipe
@@ -179,7 +193,9 @@ class Pipeline:
         cal = cal or self.recipe.calibration
         cache_key = cal.model_dump_json()
         if cache_key not in self._calibration:
-            self._calibration[cache_key] = calibration_data(tokenizer, cal, key)
+            make = lambda: calibration_data(tokenizer, cal, key)  # noqa: E731
+            self._calibration[cache_key] = make() if self.cache is None else self.cache.tensors(
+                "calibration", {"config": cal.model_dump(mode="json"), "files": _data_files(cal)}, make)
             log.info("calibration: %s", calibration_description(cal))
         return self._calibration[cache_key]
 
@@ -213,7 +229,10 @@ class Pipeline:
 
     def eval_tokens(self, tokenizer) -> torch.Tensor:
         if self._eval_tokens is None:
-            self._eval_tokens = perplexity_tokens(tokenizer, self.recipe.evaluate.perplexity)
+            ppl = self.recipe.evaluate.perplexity
+            make = lambda: perplexity_tokens(tokenizer, ppl)  # noqa: E731
+            self._eval_tokens = make() if self.cache is None else self.cache.tensors(
+                "eval_tokens", {"config": ppl.model_dump(mode="json"), "files": _data_files(ppl)}, make)
         return self._eval_tokens
 
     def fidelity_observer(self, step: str, model, tokenizer):
@@ -339,6 +358,9 @@ class Pipeline:
                                tokenizer=tokenizer, device=self.device,
                                original_layer_ids=list(layer_ids), log=log, progress=self.progress,
                                teacher=self._teachers.get(spec.name),
+                               cache=None if self.cache is None else self.cache.scoped(
+                                   layers=list(layer_ids), before=[[s.kind, s.config.model_dump(mode="json")]
+                                                                   for s in self.recipe.stages[:index - 1]]),
                                work_folder=self.folder / "state" / f"{index:02d}-{spec.name}.work",
                                original_num_layers=self.original_num_layers())
             record = stage.apply(model, ctx)
@@ -360,7 +382,9 @@ class Pipeline:
             model = self._load_stage_output(stage, self.folder / entry["checkpoint"])
         layer_ids[:] = self._kept_after(layer_ids, entry)
         if "metrics" not in entry:
-            entry["metrics"] = self.measure(spec.name, model, tokenizer)
+            own = getattr(stage, "measure", None)  # gguf: measured by llama.cpp on its file
+            entry["metrics"] = (own(self, spec.name, self.folder / entry["checkpoint"], model, tokenizer) if own
+                                else self.measure(spec.name, model, tokenizer))
             self.state.store(index, spec.name, entry)
         record = {"name": spec.name, **entry["record"]}
         if spec.name in self.recipe.save:

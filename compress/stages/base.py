@@ -100,6 +100,7 @@ class StageContext:
     teacher: Any = None  # heal: the teacher's baseline-logits store on its windows (fidelity.BaselineStore)
     work_folder: Any = None  # a folder of the run where the stage may keep resume state (Path), or None
     original_num_layers: int | None = None  # layers of the input model (before any stage)
+    cache: Any = None  # a sweep's shared work (compress.work_cache.WorkCache, scoped to this model state) or None
 
 
 @dataclass

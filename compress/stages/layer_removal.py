@@ -32,6 +32,7 @@ from compress.importance.angular_block import angular_block_distances, best_bloc
 from compress.layerwise import layerwise_target
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 from compress.surgery import remove_layers
+from compress.work_cache import tensor_digest
 
 
 class LayerRemovalConfig(StageConfig):
@@ -129,8 +130,13 @@ class LayerRemoval:
         else:
             ctx.log.info("scoring %d layers with %s on %d calibration batches (%s)",
                          num_layers, self.metric, len(ctx.calibration), ctx.device)
-            scores = score_layers(model, self.config.metric or self.metric, ctx.calibration,
-                                  progress=ctx.progress, layerwise_on=self.layerwise_device(model, ctx.device))
+            on = self.layerwise_device(model, ctx.device)
+            compute = lambda: score_layers(model, self.config.metric or self.metric,  # noqa: E731
+                                           ctx.calibration, progress=ctx.progress, layerwise_on=on)
+            # in a sweep, every `remove: k` of one (model, calibration, metric) shares one scoring
+            scores = compute() if ctx.cache is None else ctx.cache.json(
+                "layer_scores", {"metric": self.metric, "layerwise_on": str(on),
+                                 "calibration": tensor_digest(ctx.calibration)}, compute)
             chosen = lowest(scores, self.count(num_layers))
         original = [ctx.original_layer_ids[i] for i in chosen]
         remove_layers(model, chosen)
