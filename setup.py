@@ -26,11 +26,17 @@ setup(
         "gptq": ["gptqmodel==7.6.0", "optimum>=2,<3"],
         # evaluate.tasks / `compress eval --tasks`: lm-evaluation-harness's own task code
         "tasks": ["lm-eval==0.4.13"],
+        # `compress export --format gguf`, `verify --engine llamacpp`: llama.cpp's bindings (built from the sdist)
+        # and the converter's tokenizer import; the converter itself and llama-imatrix come from the same
+        # sdist through `bash scripts/gguf-env.sh`, which also builds this wheel once and caches it
+        "gguf": ["llama-cpp-python==0.3.36", "sentencepiece==0.2.3"],
         # stage heal, method lora: LoRA adapters merged back into the weights
         "heal": ["peft>=0.21,<0.22"],
+        # `compress sweep --executor ray`: one Ray task per node of the sweep's tree
+        "ray": ["ray>=2.60,<2.61"],
         # lm-eval: the MMLU parity and task tests run its own scoring code (offline, local data)
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "lm-eval==0.4.13", "bitsandbytes>=0.49,<0.51",
-                 "gptqmodel==7.6.0", "optimum>=2,<3", "peft>=0.21,<0.22"],
+                 "gptqmodel==7.6.0", "optimum>=2,<3", "peft>=0.21,<0.22", "ray>=2.60,<2.61"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -197,9 +197,13 @@ def inspect(checkpoint: Path) -> None:
 
 @main.command()
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--engine", default="vllm", show_default=True, type=click.Choice(["vllm", "transformers"]),
+@click.option("--engine", default="vllm", show_default=True, type=click.Choice(["vllm", "transformers", "llamacpp"]),
               help="vllm: vLLM from its own environment (--python); transformers: plain from_pretrained in a "
-                   "fresh process (--python picks another transformers, e.g. vLLM's).")
+                   "fresh process (--python picks another transformers, e.g. vLLM's); llamacpp: GGUF files "
+                   "in llama.cpp (llama-cpp-python), against the HF folder they came from.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="llamacpp: the float HF checkpoint the GGUF files were made from (default: the one their "
+                   "<file>.gguf.compress.json records).")
 @click.option("--python", "python", help="Python of the engine's environment (default for vllm: "
                                          "$COMPRESS_VLLM_PYTHON; build one with `bash scripts/vllm-env.sh`).")
 @click.option("--prompts", "prompts", type=click.Path(path_type=Path),
@@ -209,19 +213,22 @@ def inspect(checkpoint: Path) -> None:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Both sides' dtype; auto: float32 for float checkpoints, bfloat16 for quantized ones.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), help="Quantized: least top-1 agreement (default 0.85).")
-@click.option("--max-dlogp", type=click.FloatRange(0), help="Quantized: largest |Δ logprob| (default 1.0).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), help="Quantized: least top-1 agreement (default 0.85; GGUF q8_0 0.90, lower quants 0.75).")
+@click.option("--max-dlogp", type=click.FloatRange(0), help="Quantized: largest |Δ logprob| (default 1.0; GGUF q8_0 1.5, lower quants 3.0).")
 @click.option("--engine-log", type=click.Path(path_type=Path), help="Keep the engine's own log in this file.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @user_errors
-def verify(checkpoints, engine, python, prompts, tokens, dtype, min_top1, max_dlogp, engine_log, json_out) -> None:
-    """Load CHECKPOINTS in a serving engine and compare its greedy tokens with transformers' (exit 1 if any differs)."""
+def verify(checkpoints, engine, reference, python, prompts, tokens, dtype, min_top1, max_dlogp, engine_log,
+           json_out) -> None:
+    """Load CHECKPOINTS (folders; GGUF files for llamacpp) in a serving engine and compare its greedy tokens with
+    transformers' (exit 1 if any differs)."""
     import json as _json
 
     from compress.model_io import write_atomic
     from compress.verify.verify import VerifyOptions, read_prompts, table, verify_checkpoints
 
-    options = VerifyOptions(engine=engine, python=python, tokens=tokens, dtype=dtype, engine_log=engine_log)
+    options = VerifyOptions(engine=engine, python=python, tokens=tokens, dtype=dtype, engine_log=engine_log,
+                            reference=reference)
     if prompts is not None:
         options.prompts = read_prompts(prompts)
     if min_top1 is not None:
@@ -234,6 +241,84 @@ def verify(checkpoints, engine, python, prompts, tokens, dtype, min_top1, max_dl
         write_atomic(json_out, _json.dumps([r.to_json() for r in results], indent=2))
     if not all(r.ok for r in results):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="gguf", show_default=True, type=click.Choice(["gguf"]),
+              help="gguf: llama.cpp / Ollama / LM Studio, made by llama.cpp's own converter and quantizer.")
+@click.option("--quant", default="q4_k_m", show_default=True,
+              help="f32, f16, bf16 (converter) or q8_0, q6_k, q5_k_m, q5_k_s, q5_0, q4_k_m, q4_k_s, q4_0, q3_k_m, "
+                   "q3_k_s, q3_k_l, q2_k, iq4_xs, iq4_nl (llama.cpp's quantizer).")
+@click.option("--imatrix", is_flag=True,
+              help="Quantize with an importance matrix (llama-imatrix) from the calibration text of the recipe "
+                   "that made CHECKPOINT (its compress.json), or from --imatrix-data.")
+@click.option("--imatrix-data", type=click.Path(path_type=Path),
+              help="Local .txt/.jsonl file or folder for the importance matrix (implies --imatrix).")
+@click.option("--imatrix-samples", type=click.IntRange(1, MAX_SAMPLES),
+              help="Chunks for the importance matrix (default: the recipe's calibration samples, else 128).")
+@click.option("--imatrix-seq-len", type=click.IntRange(16, MAX_SEQ_LEN),
+              help="Tokens per chunk (default: the recipe's calibration seq_len, else 512).")
+@click.option("--out", type=click.Path(path_type=Path), help="The .gguf file (default: <CHECKPOINT>-<quant>.gguf beside it).")
+@user_errors
+def export(checkpoint, fmt, quant, imatrix, imatrix_data, imatrix_samples, imatrix_seq_len, out) -> None:
+    """Write CHECKPOINT (a float HF folder) as a GGUF file, converted and quantized by llama.cpp's own tools."""
+    from compress.gguf.export import export_gguf
+    from compress.gguf.calibration import imatrix_texts
+
+    texts = info = None
+    ctx = 512
+    if imatrix or imatrix_data is not None:
+        texts, info, ctx = imatrix_texts(checkpoint, imatrix_data, imatrix_samples, imatrix_seq_len)
+    done = export_gguf(checkpoint, quant, out, imatrix_text=texts, imatrix_info=info, imatrix_ctx=ctx)
+    click.echo(f"{done.path}: {done.quant}, {done.bytes / 1e6:.1f} MB"
+               + (f", importance matrix from {info['data']}" if info else ""))
+    click.echo(f"provenance: {done.path}.compress.json; check it: compress verify {done.path} --engine llamacpp")
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this process, node after node; ray: one Ray task per node of the tree.")
+@click.option("--address", help="Ray cluster to join (auto, or host:port); default: start a local Ray instance.")
+@click.option("--num-cpus", type=click.IntRange(1, 4096), help="CPUs of the local Ray instance (default: all).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@user_errors
+def sweep(sweep_file: Path, executor: str, address, num_cpus, no_progress: bool) -> None:
+    """Run every stack of a SWEEP_FILE, sharing the work stacks have in common; write the sweep report."""
+    from compress.report import table
+    from compress.sweep import run_sweep
+
+    report = run_sweep(sweep_file, executor, address, num_cpus, progress=not no_progress)
+    click.echo(table(report["rows"]) if report["rows"] else "(no stack finished)")
+    click.echo(f"\nreport: {Path(report['output']) / 'report.md'}")
+
+
+@main.command()
+@click.argument("sweep_run", type=click.Path(path_type=Path))
+@click.option("--budget", "budgets", multiple=True,
+              help="KEY<=N or KEY>=N on a stack's row, e.g. weight_mib<=300, decode_tok_s>=20 (repeatable).")
+@click.option("--objective", default="ppl", show_default=True,
+              help="ppl, kl, top1, mmlu, or an lm-eval task the sweep measured (arc_easy, tasks.arc_easy.acc).")
+@click.option("--refine", is_flag=True, help="Also run the best stack's neighbours (remove k-1, k+1), then search again.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="Where --refine runs the new stacks.")
+@click.option("--address", help="Ray cluster for --refine (auto, or host:port).")
+@user_errors
+def search(sweep_run: Path, budgets, objective: str, refine: bool, executor: str, address) -> None:
+    """The best stack of a SWEEP_RUN (a sweep's output folder) within the budgets, and the Pareto front."""
+    from compress.sweep import run_search
+
+    result = run_search(sweep_run, list(budgets), objective, refine, executor, address)
+    if result["best"]:
+        click.echo(f"best within {', '.join(result['budgets']) or 'no budget'}: {result['best']} "
+                   f"({result['key']} = {result['best_value']:.4g})")
+    else:
+        click.echo(f"no stack meets {', '.join(result['budgets'])}: {result['why_none']}")
+    click.echo(f"Pareto front (weight memory vs {result['key']}): {', '.join(result['pareto'])}")
+    if result.get("refined"):
+        click.echo(f"refined: ran {', '.join(result['refined'])}")
+    click.echo(f"written: {Path(sweep_run) / 'search.json'}, {Path(sweep_run) / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_relative_paths_and_env_vars_resolve_against_the_recipe_file(tmp_path, g
     (lambda r: r["stages"][0]["layer_removal"].update(fraction=0.2), "stages[0].layer_removal: give exactly one of remove, fraction, layers (got ['remove', 'fraction'])"),
     (lambda r: r["stages"][0]["layer_removal"].update(metric="magic"), "stages[0].layer_removal.metric: Input should be 'angular', 'angular_block', 'angular_layer', 'bi', 'ppl_drop', 'relative_magnitude', 'reverse' or 'sequential'"),
     (lambda r: r["calibration"].update(sampling="shuffled"), "calibration.sampling: Input should be 'random' or 'strided' (got 'shuffled')"),
-    (lambda r: r["stages"].append({"prune_heads": {}}), "stages[1]: unknown stage 'prune_heads'; supported: ['bnb4', 'gptq', 'head_pruning', 'heal', 'layer_merge', 'layer_removal', 'width_pruning']"),
+    (lambda r: r["stages"].append({"prune_heads": {}}), "stages[1]: unknown stage 'prune_heads'; supported: ['bnb4', 'gguf', 'gptq', 'head_pruning', 'heal', 'layer_merge', 'layer_removal', 'width_pruning']"),
     (lambda r: r["stages"].append({"gptq": {"bits": 5}}), "stages[1].gptq.bits: Input should be 2, 3, 4 or 8 (got 5)"),
     (lambda r: r["stages"].extend([{"gptq": {}}, {"bnb4": {}}]), "stages[2].bnb4: comes after quantization stage 'gptq'"),
     (lambda r: r["stages"].append("layer_removal"), "stages[1]: each stage is a mapping with one key"),

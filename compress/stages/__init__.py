@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from compress.stages.bnb4 import BnB4
+from compress.stages.gguf import GGUF
 from compress.stages.gptq import GPTQ
 from compress.stages.head_pruning import HeadPruning
 from compress.stages.heal import Heal
@@ -18,6 +19,7 @@ STAGES = {
     Heal.name: Heal,
     BnB4.name: BnB4,
     GPTQ.name: GPTQ,
+    GGUF.name: GGUF,
 }
 
 # Stages the recipe schema knows but this version cannot run yet: a clear error, never a skip.

@@ -30,6 +30,19 @@ from dataclasses import dataclass, field
 QUANTIZED_MIN_TOP1 = 0.85
 QUANTIZED_MAX_DLOGP = 1.0
 
+# A quantized GGUF is compared with the *float* checkpoint it came from (transformers cannot run llama.cpp's
+# block formats), so the difference is the quantization error itself, not two kernels' rounding. Measured
+# (SmolLM2-135M BI -7, 6 default prompts x 32 tokens, llama.cpp 0.3.36 vs transformers float32): f16 1.000 /
+# 0.011 (exact tokens); q8_0 0.966 / 0.62; q4_k_m 0.863 / 1.26. The thresholds leave room under those for
+# other prompts and models (about 0.1 top-1, 2x |Δ|); a wrong conversion (another model's weights, a lost
+# bias, a wrong tokenizer) disagrees on most tokens and by many nats.
+GGUF_THRESHOLDS = {"8bit": (0.90, 1.5), "low": (0.75, 3.0)}
+
+
+def gguf_thresholds(quant: str) -> tuple[float, float]:
+    """(min top-1, max |Δ logprob|) for a quantized GGUF of type ``quant`` (q8_0: 8-bit; else lower)."""
+    return GGUF_THRESHOLDS["8bit" if quant.startswith("q8") else "low"]
+
 
 @dataclass
 class PromptAgreement:

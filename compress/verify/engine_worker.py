@@ -5,7 +5,7 @@ prompt, the chosen tokens and their log-probabilities.
 This file imports nothing from compress (compress is not installed in the engine's environment): it is
 executed as a script, ``python engine_worker.py REQUEST.json RESULT.json``. The request::
 
-    {"engine": "vllm" | "transformers", "tokens": 16, "dtype": "float32",
+    {"engine": "vllm" | "transformers" | "llamacpp", "tokens": 16, "dtype": "float32",
      "checkpoints": [{"path": "/abs/folder", "dtype": "bfloat16", "prompts": [[1, 2, 3], ...]}, ...]}
 
 (a checkpoint's ``dtype`` and ``prompts`` default to the request's own; ``stop_token_ids``: generation
@@ -144,13 +144,63 @@ def run_transformers(request: dict, out: dict, result_path: str) -> None:
         _write(result_path, out)
 
 
+def run_llamacpp(request: dict, out: dict, result_path: str) -> None:
+    """llama.cpp through llama-cpp-python: greedy decoding with its KV cache, one token at a time, the
+    log-probability of each chosen token from its logits (``logits_all``). A checkpoint's ``path`` is the
+    GGUF file; prompts are token ids (the source checkpoint's tokenizer), fed as they are."""
+    import numpy as np
+    import llama_cpp
+
+    out["engine_version"] = llama_cpp.__version__
+    for ck in request["checkpoints"]:
+        entry: dict = {"path": ck["path"]}
+        ids_list = ck.get("prompts", request.get("prompts"))
+        longest = max(len(ids) for ids in ids_list) + request["tokens"]
+        stops = ck.get("stop_token_ids") or []
+        llm = None
+        try:
+            t0 = time.perf_counter()
+            llm = llama_cpp.Llama(model_path=ck["path"], n_ctx=max(longest, 64), n_batch=max(longest, 64),
+                                  logits_all=True, seed=0, n_threads=os.cpu_count() or 1, verbose=False)
+            entry["load_s"] = time.perf_counter() - t0
+            entry["file_type"] = llm.metadata.get("general.file_type")
+            t0 = time.perf_counter()
+            outputs = []
+            for ids in ids_list:
+                llm.reset()
+                llm.eval(ids)
+                tokens, lps = [], []
+                for _ in range(request["tokens"]):
+                    logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+                    logp = logits - logits.max()
+                    logp = logp - np.log(np.exp(logp).sum())
+                    tok = int(np.argmax(logp))
+                    tokens.append(tok)
+                    lps.append(float(logp[tok]))
+                    if tok in stops:
+                        break
+                    llm.eval([tok])
+                outputs.append({"tokens": tokens, "logprobs": lps})
+            entry["generate_s"] = time.perf_counter() - t0
+            entry.update(ok=True, outputs=outputs)
+        except Exception as exc:
+            entry.update(ok=False, error=_error_text(exc), traceback=traceback.format_exc()[-4000:])
+        finally:
+            if llm is not None:
+                llm.close()
+            del llm
+            gc.collect()
+        out["results"].append(entry)
+        _write(result_path, out)
+
+
 def main(argv: list[str]) -> int:
     request_path, result_path = argv[1], argv[2]
     with open(request_path) as f:
         request = json.load(f)
     out = {"engine": request["engine"], "engine_version": None, "python": sys.executable, "results": []}
     _write(result_path, out)
-    {"vllm": run_vllm, "transformers": run_transformers}[request["engine"]](request, out, result_path)
+    {"vllm": run_vllm, "transformers": run_transformers, "llamacpp": run_llamacpp}[request["engine"]](request, out, result_path)
     return 0
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError
-from compress.verify.agreement import QUANTIZED_MAX_DLOGP, QUANTIZED_MIN_TOP1, Verdict, judge, prompt_agreement
+from compress.verify.agreement import (QUANTIZED_MAX_DLOGP, QUANTIZED_MIN_TOP1, Verdict, gguf_thresholds, judge,
+                                      prompt_agreement)
 from compress.verify.engines import ENGINES, engine_python, engine_settings, no_engine_reason, run_engine
 from compress.verify.reference import reference_outputs
 
@@ -54,6 +55,7 @@ class Verification:
     generate_s: float | None = None
     tokens: int = 0
     settings: dict[str, str] = field(default_factory=dict)  # engine environment variables it ran with
+    reference: str | None = None  # llamacpp: the HF folder transformers ran (the GGUF's source)
 
     @property
     def status(self) -> str:
@@ -65,7 +67,8 @@ class Verification:
         v = self.verdict
         return {
             "checkpoint": self.checkpoint, "engine": self.engine, "engine_version": self.engine_version,
-            "dtype": self.dtype, "quantization": self.quantization, "ok": self.ok, "status": self.status,
+            "dtype": self.dtype, "quantization": self.quantization, "reference": self.reference,
+            "ok": self.ok, "status": self.status,
             "error": self.error, "settings": self.settings, "load_s": self.load_s, "generate_s": self.generate_s, "tokens": self.tokens,
             "same_tokens": v.same_tokens if v else None, "top1_agree": v.top1_agree if v else None,
             "max_dlogp": v.max_dlogp if v else None, "reasons": v.reasons if v else [],
@@ -80,10 +83,11 @@ class VerifyOptions:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     tokens: int = 16
     dtype: str = "auto"
-    min_top1: float = QUANTIZED_MIN_TOP1
-    max_dlogp: float = QUANTIZED_MAX_DLOGP
+    min_top1: float | None = None  # None: QUANTIZED_MIN_TOP1 (llamacpp: gguf_thresholds of the quant)
+    max_dlogp: float | None = None
     timeout_s: float = 1800.0
     engine_log: Path | None = None
+    reference: Path | None = None  # llamacpp: the HF folder a GGUF came from (default: its sidecar's record)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -180,10 +184,15 @@ def verify_checkpoints(checkpoints: list[Path], options: VerifyOptions) -> list[
         raise CompressError(f"verify --engine {options.engine}: {no_engine_reason(options.engine)}")
     plans = []
     for folder in checkpoints:
+        if options.engine == "llamacpp":
+            plans.append(_gguf_plan(folder, options))
+            continue
+        if options.reference is not None:
+            raise CompressError("--reference: only for --engine llamacpp (a GGUF file and the folder it came from)")
         quant = checkpoint_kind(folder)
         ids, stops = _tokenize(folder, options.prompts)
         plans.append({"path": str(folder), "dtype": _dtype(options.dtype, quant), "quant": quant,
-                      "prompts": ids, "stop_token_ids": stops})
+                      "prompts": ids, "stop_token_ids": stops, "ref": str(folder)})
     result = run_engine(options.engine, python,
                         [{k: p[k] for k in ("path", "dtype", "prompts", "stop_token_ids")} for p in plans],
                         options.tokens, options.timeout_s, options.engine_log)
@@ -191,10 +200,13 @@ def verify_checkpoints(checkpoints: list[Path], options: VerifyOptions) -> list[
     out = []
     for plan in plans:
         r = by_path[str(Path(plan["path"]).resolve())]
+        if options.engine == "llamacpp":
+            plan["quant"] = gguf_quant(plan.get("quant"), r.get("file_type"))
         v = Verification(checkpoint=plan["path"], engine=options.engine, engine_version=result.get("engine_version"),
                          dtype=plan["dtype"], quantization=plan["quant"], ok=False, tokens=options.tokens,
                          load_s=r.get("load_s"), generate_s=r.get("generate_s"),
-                         settings=engine_settings() if options.engine == "vllm" else {})
+                         settings=engine_settings() if options.engine == "vllm" else {},
+                         reference=plan["ref"] if options.engine == "llamacpp" else None)
         if not r.get("ok"):
             v.error = r.get("error") or "the engine gave no result"
         else:
@@ -206,12 +218,70 @@ def verify_checkpoints(checkpoints: list[Path], options: VerifyOptions) -> list[
 
 def _compare(folder: Path, plan: dict[str, Any], outputs: list[dict[str, Any]], options: VerifyOptions) -> Verdict:
     dtype = getattr(torch, plan["dtype"])
-    log.info("verify: transformers reference for %s (%s, %s, CPU)", folder, plan["quant"] or "float", plan["dtype"])
-    refs = reference_outputs(folder, dtype, plan["prompts"], outputs, plan["quant"])
+    log.info("verify: transformers reference for %s (%s, %s, CPU)", plan["ref"], plan["quant"] or "float", plan["dtype"])
+    ref = Path(plan["ref"])
+    refs = reference_outputs(ref, dtype, plan["prompts"], outputs, plan.get("ref_quant", plan["quant"]))
     prompts = [prompt_agreement(i, e["tokens"], e["logprobs"], r["tokens"], r["forced_argmax"], r["forced_logprobs"])
                for i, (e, r) in enumerate(zip(outputs, refs))]
-    return judge(prompts, quantized=plan["quant"] is not None, min_top1=options.min_top1,
-                 max_dlogp=options.max_dlogp)
+    top1, dlogp = QUANTIZED_MIN_TOP1, QUANTIZED_MAX_DLOGP
+    if options.engine == "llamacpp" and plan["quant"] is not None:
+        top1, dlogp = gguf_thresholds(plan["quant"])
+    return judge(prompts, quantized=plan["quant"] is not None,
+                 min_top1=top1 if options.min_top1 is None else options.min_top1,
+                 max_dlogp=dlogp if options.max_dlogp is None else options.max_dlogp)
+
+
+# llama_ftype values (llama.h) of GGUF files whose weights are plain floats
+GGUF_FLOAT_FILE_TYPES = {0: "f32", 1: "f16", 32: "bf16"}
+
+
+def gguf_quant(recorded: str | None, file_type: int | None) -> str | None:
+    """None for a float GGUF (judged by exact tokens), else its quant name: the sidecar's record, else
+    the file's general.file_type."""
+    if recorded is not None:
+        return None if recorded in GGUF_FLOAT_FILE_TYPES.values() else recorded
+    if file_type is None:
+        return "unknown"
+    return None if int(file_type) in GGUF_FLOAT_FILE_TYPES else f"gguf file_type {file_type}"
+
+
+def gguf_reference(path: Path, given: Path | None) -> tuple[Path, str | None]:
+    """The HF folder a GGUF came from, and the quant its sidecar records (None: no sidecar)."""
+    from compress.gguf.export import sidecar
+
+    record = None
+    if sidecar(path).is_file():
+        try:
+            record = json.loads(sidecar(path).read_text())
+        except ValueError as e:
+            raise CompressError(f"{sidecar(path)}: is not valid JSON ({e}); pass --reference HF_FOLDER") from None
+    quant = record.get("quant") if isinstance(record, dict) else None
+    if given is not None:
+        return given, quant
+    source = (record or {}).get("source", {}).get("folder") if isinstance(record, dict) else None
+    if source is None:
+        raise CompressError(f"{path}: no --reference and no {sidecar(path).name} beside it naming its source; "
+                            "pass --reference HF_FOLDER (the float checkpoint the GGUF was made from)")
+    folder = Path(source) if Path(source).is_absolute() else path.parent / source  # relative: to the GGUF's folder
+    if not folder.is_dir():
+        raise CompressError(f"{path}: its source folder {source} (from {sidecar(path).name}) does not exist any "
+                            "more; pass --reference HF_FOLDER")
+    return folder.resolve(), quant
+
+
+def _gguf_plan(path: Path, options: VerifyOptions) -> dict[str, Any]:
+    if not path.is_file() or path.suffix != ".gguf":
+        raise CompressError(f"{path}: not a .gguf file; --engine llamacpp verifies GGUF files (made by "
+                            "`compress export CHECKPOINT --format gguf`) against --reference HF_FOLDER")
+    ref, quant = gguf_reference(path, options.reference)
+    ref_quant = checkpoint_kind(ref)
+    if ref_quant is not None:
+        raise CompressError(f"--reference {ref}: a {ref_quant} checkpoint; a GGUF is compared with the float "
+                            "checkpoint it was made from")
+    ids, stops = _tokenize(ref, options.prompts)
+    dtype = FLOAT_DTYPE if options.dtype == "auto" else options.dtype
+    return {"path": str(path), "dtype": dtype, "quant": quant, "ref_quant": None, "prompts": ids,
+            "stop_token_ids": stops, "ref": str(ref)}
 
 
 def table(results: list[Verification]) -> str:

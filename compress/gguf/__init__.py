@@ -1,0 +1,1 @@
+"""GGUF export: llama.cpp's own converter, quantizer and importance-matrix tool on a compress checkpoint."""
