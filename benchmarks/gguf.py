@@ -17,7 +17,7 @@ same prompt/new-token counts, same threads), and for every GGUF `compress verify
 top-1 agreement and max |Δ logprob| against transformers on its float source (the numbers
 compress/verify/agreement.py's GGUF thresholds come from).
 
-    PYTHONPATH=. nice -n 10 python benchmarks/gguf.py --assets ../shared-cache --out benchmarks/results/gguf.json
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python benchmarks/gguf.py --assets ../shared-cache --out benchmarks/results/gguf.json
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def hf_rows(name: str, folder: Path, work: Path, a, assets: Path) -> list[dict]:
             continue
         for r in report["rows"]:
             is_q = r["step"] != "baseline"
+            if not is_q and r.get("ppl") is None:
+                continue  # the NF4 run does not evaluate its input (the GPTQ run's baseline row is that row)
             ck = work / f"{name}-{kind}" / "checkpoints" / kind
             row = {"stack": name, "format": "hf", "quant": quant if is_q else "float32 (transformers)",
                    "bytes": safetensors_bytes(ck) if is_q else r.get("weight_bytes"), "weight_bytes": r.get("weight_bytes"),
@@ -250,7 +252,8 @@ def main() -> None:
     result = {
         "what": "SmolLM2-135M-Instruct stacks (baseline, BI -7, BI -7 + heal) as GGUF (llama.cpp's converter and "
                 "quantizer) and as GPTQ 4-bit / NF4 checkpoints (transformers), on this CPU",
-        "command": "PYTHONPATH=. nice -n 10 python benchmarks/gguf.py " + " ".join(sys.argv[1:]),
+        "command": " ".join([*(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ),
+                             "PYTHONPATH=. python benchmarks/gguf.py", *sys.argv[1:]]),
         "settings": {"heal": f"{a.heal_steps} steps x batch 4 x 256 tokens of Persuasion (a SHORT heal, LoRA r16)",
                      "perplexity": f"first {a.eval_tokens} tokens of Pride and Prejudice, {a.seq_len}-token "
                                    "non-overlapping windows, the same token ids for llama.cpp and transformers",

@@ -21,7 +21,9 @@ Parts (all bfloat16, the asset's dtype; calibration: random windows of *Emma*, s
 * ``heal``: baseline, BI -7, then ``heal`` (LoRA r16, top-64 distillation toward the model as
   loaded, 8 steps x 1 window x 128 tokens of *Persuasion* + *Northanger Abbey*, consecutive
   windows, 2 more held out for validation; lr 1e-3); perplexity + KL after baseline and heal only;
-* ``mmlu5``: baseline and BI removal of 7 layers, MMLU 5-shot on ``MMLU5_SUBJECTS`` only.
+* ``mmlu5``: baseline and BI removal of 7 layers, MMLU 5-shot on ``MMLU5_SUBJECTS`` only;
+* ``sweep``: baseline, BI -7, BI -7 + heal, BI -7 + GPTQ 4-bit and SLM ``remove: 7`` as one ``compress sweep``
+  (the stages of ``heal``, ``gptq`` and ``slm`` above; the baseline evaluated once, BI -7 made once).
 
 MMLU: the offline test split only (no dev split), so ``shots: 5`` takes each subject's first 5
 test rows as exemplars and scores the next (compress.evaluate.mmlu). Sizes are CPU-small on purpose
@@ -113,7 +115,48 @@ def recipe(part: str, assets: Path, work: Path) -> dict:
                                        "mmlu": {"path": str(assets / "mmlu"), "subjects": MMLU5_SUBJECTS,
                                                 **SIZES["mmlu5"]}},
                 "stages": [{"layer_removal": {"metric": "bi", "remove": 7}}]}
-    raise SystemExit(f"--parts: unknown part {part!r}; choose from bi_gptq, gptq, slm, heal, mmlu5")
+    raise SystemExit(f"--parts: unknown part {part!r}; choose from bi_gptq, gptq, slm, heal, mmlu5, sweep")
+
+
+def sweep_spec(assets: Path, work: Path) -> dict:
+    """Part ``sweep``: the stacks the separate parts measure, as one `compress sweep` (baseline evaluated once,
+    BI scores once, the BI -7 model made once for its three children): baseline, bi7, bi7+heal, bi7+gptq4, slm7."""
+    base = {k: v for k, v in recipe("heal", assets, work).items() if k not in ("stages", "save", "output")}
+    base["evaluate"] = {**base["evaluate"], "after": ["baseline", "every_stage"]}
+    heal = recipe("heal", assets, work)["stages"][1]
+    gptq = recipe("gptq", assets, work)["stages"][1]
+    slm = recipe("slm", assets, work)["stages"][0]
+    return {"base": base, "output": str(work / "sweep"),
+            "axes": {"depth": [{"bi7": {"layer_removal": {"metric": "bi", "remove": 7}}}, {"slm7": slm}],
+                     "after": ["none", {"heal": heal}, {"gptq4": gptq}]},
+            "stacks": ["baseline", "bi7", "bi7+heal", "bi7+gptq4", "slm7"], "save": ["bi7+gptq4"]}
+
+
+def run_sweep_part(assets: Path, work: Path) -> dict:
+    spec = sweep_spec(assets, work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    command = [sys.executable, "-m", "compress.cli", "sweep", str(path), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    report_path = work / "sweep" / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"rows": [], "nodes": {}}
+    rows = [{k: row[k] for k in ("stack", *KEYS) if k in row} for row in report["rows"]]
+    nodes = {n: {k: r.get(k) for k in ("wall_s", "step_s", "reused", "done_before") if k in r}
+             for n, r in report.get("nodes", {}).items()}
+    stages = {}
+    for stack in spec["stacks"]:
+        one = work / "sweep" / "runs" / stack / "report.json"
+        if one.exists():
+            stages[stack] = [{**{k: s.get(k) for k in ("stage", "summary", "removed_layers", "wall_s")},
+                              "details": {k: v for k, v in (s.get("details") or {}).items()
+                                          if isinstance(v, (int, float, str, bool))}}
+                             for s in json.loads(one.read_text()).get("stages", [])]
+    return {"sweep": spec, "command": " ".join(["PYTHONPATH=.", *command[1:]]), "exit_code": proc.returncode,
+            "wall_s": round(wall, 1), "rows": rows, "nodes": nodes, "stages": stages,
+            "stderr_tail": proc.stderr.strip().splitlines()[-8:] if proc.returncode else []}
 
 
 def machine() -> dict:
@@ -168,14 +211,16 @@ def main() -> None:
                              "llama.cpp Q4_K_M, stored bfloat16)", "sizes": SIZES, "mmlu5_subjects": MMLU5_SUBJECTS})
     for part in args.parts.split(","):
         print(f"real_1p5b: running {part}", flush=True)
-        entry = {"machine": machine(), **run_part(part, assets, args.work)}
+        run = run_sweep_part(assets, args.work) if part == "sweep" else run_part(part, assets, args.work)
+        entry = {"machine": machine(), **run}
         if args.out.exists():  # another invocation may have written its parts meanwhile
             results["parts"] = json.loads(args.out.read_text())["parts"]
         results["parts"][part] = entry
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"real_1p5b: {part}: exit {entry['exit_code']}, {entry['wall_s']} s, rows "
-              f"{[(r['step'], r.get('ppl'), r.get('kl'), r.get('mmlu')) for r in entry['rows']]}", flush=True)
+              f"{[(r.get('stack', r['step']), r.get('ppl'), r.get('kl_mean'), r.get('mmlu')) for r in entry['rows']]}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def compare(model, prompts, outputs) -> dict:
     agree = total = 0
     deltas = []
     for ids, out in zip(prompts, outputs):
-        argmax, logps = teacher_forced(model, ids, out["tokens"])
+        argmax, logps, _ = teacher_forced(model, ids, out["tokens"])
         agree += sum(a == t for a, t in zip(argmax, out["tokens"]))
         total += len(argmax)
         deltas += [abs(a - b) for a, b in zip(logps, out["logprobs"])]

@@ -35,6 +35,24 @@ def test_a_shorter_generation_is_a_difference():
     assert not p.same_tokens and p.first_difference == 2
 
 
+def test_a_rounded_float_file_may_part_only_at_a_near_tie():
+    """An f16 GGUF of a float32 source (tie_nats set): tokens that part where transformers' top two are within
+    tie_nats pass; a flip where transformers clearly prefers its own token fails, as does any flip without
+    tie_nats (same weights on both sides)."""
+    # position 1: engine took 9, transformers' argmax 6 with log-prob -0.70 vs -0.72 for 9 (a 0.02 tie)
+    tie = prompt_agreement(0, [5, 9, 7], [-0.1, -0.72, -0.3], [5, 6, 7], [5, 6, 7], [-0.1, -0.72, -0.3],
+                           [-0.1, -0.70, -0.3])
+    assert abs(tie.max_disagreement_gap - 0.02) < 1e-9
+    assert judge([tie], quantized=False, tie_nats=0.05).ok
+    assert not judge([tie], quantized=False).ok
+    clear = prompt_agreement(0, [5, 9, 7], [-0.1, -2.0, -0.3], [5, 6, 7], [5, 6, 7], [-0.1, -2.0, -0.3],
+                             [-0.1, -0.2, -0.3])
+    v = judge([clear], quantized=False, tie_nats=0.05)
+    assert not v.ok and "tokens differ from position 1" in v.reasons[0]
+    same = prompt_agreement(0, [5, 6], [-0.1, -0.2], [5, 6], [5, 6], [-0.1, -0.2], [-0.1, -0.2])
+    assert same.max_disagreement_gap == 0.0 and judge([same], quantized=False, tie_nats=0.05).ok
+
+
 def test_quantized_checkpoints_are_judged_by_agreement_and_logprob_thresholds():
     p = prompt_agreement(0, [1, 2, 3, 4], [-1.0, -1.0, -1.0, -1.0], [1, 2, 3, 9], [1, 2, 3, 9],
                          [-1.0, -1.2, -1.0, -1.5])

@@ -33,16 +33,18 @@ def load_reference(folder: Path, dtype: torch.dtype, quantization: str | None = 
 
 
 @torch.no_grad()
-def teacher_forced(model, prompt: list[int], continuation: list[int]) -> tuple[list[int], list[float]]:
-    """At each position of ``continuation``: transformers' argmax and its log-probability of the given token."""
+def teacher_forced(model, prompt: list[int], continuation: list[int]) -> tuple[list[int], list[float], list[float]]:
+    """At each position of ``continuation``: transformers' argmax, its log-probability of the given token and
+    of its argmax."""
     if not continuation:
-        return [], []
+        return [], [], []
     x = torch.tensor([prompt + continuation[:-1]])
     with quiet_backends():
         logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, len(prompt) - 1:].float()
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.tensor(continuation)
-    return logp.argmax(-1).tolist(), logp.gather(1, target[:, None])[:, 0].tolist()
+    top, argmax = logp.max(-1)
+    return argmax.tolist(), logp.gather(1, target[:, None])[:, 0].tolist(), top.tolist()
 
 
 def reference_outputs(folder: Path, dtype: torch.dtype, prompts: list[list[int]],
@@ -59,7 +61,7 @@ def reference_outputs(folder: Path, dtype: torch.dtype, prompts: list[list[int]]
     model = load_reference(folder, dtype, quantization)
     out = []
     for prompt, engine in zip(prompts, engine_outputs):
-        argmax, logps = teacher_forced(model, prompt, engine["tokens"])
-        out.append({"tokens": argmax, "forced_argmax": argmax, "forced_logprobs": logps})
+        argmax, logps, top = teacher_forced(model, prompt, engine["tokens"])
+        out.append({"tokens": argmax, "forced_argmax": argmax, "forced_logprobs": logps, "forced_top_logprobs": top})
     del model
     return out

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError
-from compress.verify.agreement import (QUANTIZED_MAX_DLOGP, QUANTIZED_MIN_TOP1, Verdict, gguf_thresholds, judge,
-                                      prompt_agreement)
+from compress.verify.agreement import (GGUF_FLOAT_TIE_NATS, QUANTIZED_MAX_DLOGP, QUANTIZED_MIN_TOP1, Verdict,
+                                      gguf_thresholds, judge, prompt_agreement)
 from compress.verify.engines import ENGINES, engine_python, engine_settings, no_engine_reason, run_engine
 from compress.verify.reference import reference_outputs
 
@@ -221,14 +221,17 @@ def _compare(folder: Path, plan: dict[str, Any], outputs: list[dict[str, Any]], 
     log.info("verify: transformers reference for %s (%s, %s, CPU)", plan["ref"], plan["quant"] or "float", plan["dtype"])
     ref = Path(plan["ref"])
     refs = reference_outputs(ref, dtype, plan["prompts"], outputs, plan.get("ref_quant", plan["quant"]))
-    prompts = [prompt_agreement(i, e["tokens"], e["logprobs"], r["tokens"], r["forced_argmax"], r["forced_logprobs"])
+    prompts = [prompt_agreement(i, e["tokens"], e["logprobs"], r["tokens"], r["forced_argmax"], r["forced_logprobs"],
+                                r.get("forced_top_logprobs"))
                for i, (e, r) in enumerate(zip(outputs, refs))]
     top1, dlogp = QUANTIZED_MIN_TOP1, QUANTIZED_MAX_DLOGP
     if options.engine == "llamacpp" and plan["quant"] is not None:
         top1, dlogp = gguf_thresholds(plan["quant"])
+    # a float GGUF holds 16-bit roundings of the source's weights: greedy tokens may part at near ties only
+    tie = GGUF_FLOAT_TIE_NATS if options.engine == "llamacpp" and plan["quant"] is None else None
     return judge(prompts, quantized=plan["quant"] is not None,
                  min_top1=top1 if options.min_top1 is None else options.min_top1,
-                 max_dlogp=dlogp if options.max_dlogp is None else options.max_dlogp)
+                 max_dlogp=dlogp if options.max_dlogp is None else options.max_dlogp, tie_nats=tie)
 
 
 # llama_ftype values (llama.h) of GGUF files whose weights are plain floats

@@ -104,11 +104,13 @@ def test_bi7_q4_k_m_passes_the_quantized_thresholds(bi7):
 def test_recipe_stage_writes_the_gguf_beside_the_checkpoints_and_llama_cpp_rows_match_the_hf_ones(
         tmp_path, assets):
     """`gguf: {quant: f16}` after layer_removal: its row is computed by llama.cpp on the file, on the same
-    perplexity windows as the HF rows; f16 weights give the HF row's perplexity to within 1% and a KL
-    against the baseline close to the HF row's; the provenance records the file."""
+    perplexity windows as the HF rows; f16 weights give the HF row's perplexity to within 1%, its KL against
+    the baseline and top-1 agreement to within 0.01 (the baseline store is fed llama.cpp's log-probs), and
+    llama.cpp's own prefill / decode speed; the provenance records the file."""
     evaluate = {"after": ["baseline", "every_stage"], "fidelity": {"top_k": 8},
                 "perplexity": {"path": str(assets / "books" / "austen-prideprejudice.txt"), "seq_len": 128,
-                               "max_tokens": 1024}}
+                               "max_tokens": 1024},
+                "efficiency": {"prompt_tokens": 16, "new_tokens": 8, "repeats": 1, "fast_path": False}}
     run = _run(tmp_path, "stage", assets / "models" / "smollm2-135m-instruct",
                [{"layer_removal": {"metric": "bi", "remove": 7}}, {"gguf": {"quant": "f16"}}], assets,
                save=["layer_removal"], evaluate=evaluate)
@@ -117,6 +119,9 @@ def test_recipe_stage_writes_the_gguf_beside_the_checkpoints_and_llama_cpp_rows_
     assert gg["step"] == "gguf" and gg["engine"] == "llama.cpp"
     assert gg["ppl_tokens"] == hf["ppl_tokens"]
     assert abs(gg["ppl"] - hf["ppl"]) / hf["ppl"] < 0.01, (gg["ppl"], hf["ppl"])
+    assert hf["kl_mean"] > 0.1  # 7 layers removed: far from the baseline, so the comparison below means something
+    assert abs(gg["kl_mean"] - hf["kl_mean"]) < 0.01 and abs(gg["top1_agree"] - hf["top1_agree"]) < 0.01, (gg, hf)
+    assert gg["decode_tok_s"] > 0 and gg["prefill_ms"] > 0 and "llama.cpp" in gg["latency_setting"]
     folder = run / "checkpoints" / "gguf"
     gguf = folder / "model-f16.gguf"
     assert gg["weight_bytes"] == gguf.stat().st_size
@@ -159,6 +164,19 @@ def test_pruned_shapes_convert_and_match_transformers(pruned, kind):
         assert meta["llama.feed_forward_length"] == 1152
     r = _verify(out)
     assert r.ok and r.quantization is None and r.verdict.same_tokens, r.to_json()
+    # quantized: rows of 384 (heads) / 1152 (MLP) columns, which K-quants' 256-column super-blocks do not divide
+    # (hidden 576 does not either): llama.cpp's quantizer falls back to Q5_0 for those tensors. The width-pruned
+    # q4_k_m passes verify's q4_k_m thresholds; the head-pruned one converts, loads and tracks the float model
+    # (top-1 0.63 measured) but falls below them (0.75): its float top-1/top-2 margin is half the unpruned
+    # model's, so quantization noise flips more tokens (README, "Deploying the result: GGUF")
+    proc, out = _export(ck, "q4_k_m")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = _verify(out)
+    assert r.quantization == "q4_k_m" and r.verdict is not None, r.to_json()
+    if kind == "width_pruning":
+        assert r.ok, r.to_json()
+    else:
+        assert 0.5 < r.verdict.top1_agree < 1.0, r.to_json()  # a wrong conversion would agree on ~nothing
 
 
 def test_tiny_qwen2_with_biases_and_an_untied_head_matches_transformers(tmp_path, assets):
@@ -171,12 +189,16 @@ def test_tiny_qwen2_with_biases_and_an_untied_head_matches_transformers(tmp_path
 
     from conftest import randomize_norms
 
-    # the converter's qwen2 path identifies the BPE pre-tokenizer by a hash of known ones: Qwen's own
-    # (SmolLM2's is not among them), so this needs the opt-in qwen15 asset for its tokenizer files
+    # the converter's qwen2 path identifies the BPE pre-tokenizer by the hash of its tokens on a test string, and
+    # transformers 5 loads any qwen2 folder's tokenizer as Qwen2Tokenizer (its own pre-tokenizer): only Qwen's
+    # vocabulary gives a known hash (SmolLM2's tokenizer.json in a qwen2 folder is refused), so this needs the
+    # qwen15 asset's tokenizer files (CI fetches the asset and sets COMPRESS_REQUIRE_QWEN15=1)
     qwen = assets / "models" / "qwen2.5-coder-1.5b-instruct"
     if not (qwen / "tokenizer.json").exists():
-        pytest.skip(f"opt-in asset {qwen} absent (its tokenizer is needed): run "
-                    "`bash ../shared/assets/fetch.sh --only qwen15`")
+        why = f"asset {qwen} absent (its tokenizer is needed): run `bash ../shared/assets/fetch.sh --only qwen15`"
+        if os.environ.get("COMPRESS_REQUIRE_QWEN15") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
     tok = AutoTokenizer.from_pretrained(qwen)
     config = tf.Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
