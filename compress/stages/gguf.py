@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from compress.faults import crash_point
 from compress.stages.base import ModelFacts, StageConfig, StageContext, StageRecord
 
 Quant = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0",
@@ -130,6 +131,7 @@ class GGUF:
             metrics["ppl_data"] = "llama.cpp on the same windows"
             if observer is not None:
                 metrics.update({**observer.metrics(), "fidelity_top_k": ev.fidelity.top_k})
+            crash_point("evaluation")  # as the HF rows': a perplexity evaluation finished, not yet stored
         if ev.efficiency is not None and pipeline.should_evaluate(step):
             metrics.update(gguf_eval.gguf_speed(path, ev.efficiency.prompt_tokens, ev.efficiency.new_tokens,
                                                 ev.efficiency.repeats))

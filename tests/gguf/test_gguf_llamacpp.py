@@ -132,6 +132,48 @@ def test_recipe_stage_writes_the_gguf_beside_the_checkpoints_and_llama_cpp_rows_
     assert r.ok and r.verdict.same_tokens and r.reference == str(folder.resolve())
 
 
+def test_stage_with_an_importance_matrix_resumes_after_a_kill_without_redoing_the_export(tmp_path, assets):
+    """`gguf: {quant: q4_k_m, imatrix: true}`: the stage records the importance matrix it made from the recipe's
+    calibration windows; killed (SIGKILL) after the GGUF was written and recorded but before its row was stored,
+    the rerun reuses that file (same bytes, no second export) and measures the row on it: the perplexity equals
+    llama.cpp's on the file computed here independently."""
+    from transformers import AutoTokenizer
+
+    from compress.evaluate.suite import PerplexityConfig, perplexity_tokens
+    from compress.gguf.evaluate import gguf_perplexity
+
+    ppl = {"path": str(assets / "books" / "austen-prideprejudice.txt"), "seq_len": 128, "max_tokens": 512}
+    body = {"model": str(assets / "models" / "smollm2-135m-instruct"), "dtype": "float32", "device": "cpu",
+            "output": str(tmp_path / "run"),
+            "calibration": {"path": str(assets / "books" / "austen-emma.txt"), "samples": 8, "seq_len": 128},
+            "evaluate": {"after": ["baseline", "every_stage"], "perplexity": ppl},
+            "stages": [{"layer_removal": {"metric": "bi", "remove": 7}}, {"gguf": {"quant": "q4_k_m", "imatrix": True}}],
+            "save": []}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(body))
+    cmd = [sys.executable, "-m", "compress.cli", "run", str(recipe), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    # evaluations: baseline (1), layer_removal (2), gguf (3)
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**env, "COMPRESS_CRASH_AT": "evaluation:3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run = tmp_path / "run"
+    [left] = [p for p in tmp_path.rglob("model-q4_k_m.gguf") if "checkpoints" in p.parts]  # the unfinished run's
+    before = left.stat()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    gguf = run / "checkpoints" / "gguf" / "model-q4_k_m.gguf"
+    after = gguf.stat()  # the same file (a folder rename keeps it), not a second export
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    report = json.loads((run / "report.json").read_text())
+    row = report["rows"][-1]
+    assert row["step"] == "gguf" and row["engine"] == "llama.cpp" and row["gguf_quant"] == "q4_k_m"
+    tok = AutoTokenizer.from_pretrained(assets / "models" / "smollm2-135m-instruct")
+    tokens = perplexity_tokens(tok, PerplexityConfig(**ppl))
+    assert abs(row["ppl"] - gguf_perplexity(gguf, tokens, 128, None)["ppl"]) < 1e-6 * row["ppl"]
+    details = next(s for s in report["stages"] if s["name"] == "gguf")["details"]
+    assert details["imatrix"] and details["imatrix"]["windows"] == 8, details
+
+
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, assets) -> dict[str, Path]:
     """Head-pruned (9 -> 6 query heads per layer: 6 x 64 = 384 != hidden 576, so head_dim is no longer
