@@ -353,6 +353,32 @@ def disk_full_error(folder: Path, what: str, need: int | None) -> DiskFullError:
                          "left. Free some space there or write to a folder on another disk, then run again")
 
 
+def checkpoint_config(folder: Path, use: str) -> dict[str, Any]:
+    """config.json of a local checkpoint folder, for ``use`` (e.g. "verify", "GGUF export"), read without
+    transformers. CompressError naming the folder or file and what is wrong."""
+    if not folder.is_dir():
+        raise CompressError(f"{folder}: not a folder; {use} takes a checkpoint folder (config.json, weights, "
+                            "tokenizer)")
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except OSError:
+        raise CompressError(f"{folder}: has no readable config.json; is it a Hugging Face model folder?") from None
+    except ValueError as e:
+        raise CompressError(f"{path}: is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CompressError(f"{path}: holds {type(raw).__name__}, not a JSON object")
+    return raw
+
+
+def quant_method(config: dict[str, Any]) -> str | None:
+    """quantization_config.quant_method of a config.json (None: a float checkpoint)."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return None
+    return str(qc.get("quant_method", "unknown")) if isinstance(qc, dict) else "unknown"
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write a file (text, or bytes as they are) so that readers see the old or the new content,
     never a partial one. A write that fails leaves no temporary file; disk full or an unwritable

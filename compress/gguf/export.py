@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 from compress.errors import CompressError
 from compress.gguf.env import GGUFEnv, LLAMA_CPP_PYTHON_VERSION, gguf_env
+from compress.model_io import checkpoint_config, quant_method
 
 log = logging.getLogger("compress")
 
@@ -46,22 +46,6 @@ CONVERT_TIMEOUT_S = 3600
 
 def sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise CompressError(f"{folder}: not a folder; GGUF export takes a checkpoint folder (config.json, "
-                            "safetensors, tokenizer)")
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except OSError:
-        raise CompressError(f"{folder}: has no readable config.json; is it a Hugging Face model folder?") from None
-    except ValueError as e:
-        raise CompressError(f"{path}: is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CompressError(f"{path}: holds {type(raw).__name__}, not a JSON object")
-    return raw
 
 
 def converter_architectures(env: GGUFEnv) -> set[str]:
@@ -82,10 +66,9 @@ def check_exportable(folder: Path, quant: str, env: GGUFEnv | None = None) -> di
     """All refusals, before any work: returns config.json. CompressError names the folder and the fix."""
     if quant not in QUANTS:
         raise CompressError(f"--quant: {quant!r} is not one of {', '.join(QUANTS)}")
-    config = read_config(folder)
-    qc = config.get("quantization_config")
-    if qc is not None:
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+    config = checkpoint_config(folder, "GGUF export")
+    method = quant_method(config)
+    if method is not None:
         raise CompressError(
             f"{folder}: a {method} checkpoint (config.json quantization_config); GGUF export needs the float "
             "weights: export the checkpoint from before the quantization stage (e.g. checkpoints/layer_removal) "

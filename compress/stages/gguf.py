@@ -73,19 +73,29 @@ class GGUF:
 
     def apply(self, model, ctx: StageContext) -> StageRecord:
         from compress.gguf.calibration import window_texts
-        from compress.gguf.export import check_exportable, export_gguf
+        from compress.gguf.export import export_gguf  # its refusals (check_exportable) come before any work
 
         start = time.perf_counter()
-        self._work = Path(tempfile.mkdtemp(prefix="compress-gguf-"))
-        source = self._work / "source"
-        model.save_pretrained(source)
-        ctx.tokenizer.save_pretrained(source)
-        check_exportable(source, self.config.quant)
-        texts = window_texts(ctx.tokenizer, ctx.calibration) if self.config.imatrix else None
-        seq_len = int(ctx.calibration[0]["input_ids"].shape[1]) if texts else 512
-        info = {"data": "the recipe's calibration windows, decoded to text", "windows": len(texts)} if texts else None
-        done = export_gguf(source, self.config.quant, self._work / gguf_name(self.config.quant), imatrix_text=texts,
-                           imatrix_info=info, imatrix_ctx=seq_len)
+        # in the run folder when it has one (the float model and the GGUF then move into the checkpoint by
+        # rename in save(), not a second write), else a temporary folder
+        if ctx.work_folder is not None:
+            Path(ctx.work_folder).mkdir(parents=True, exist_ok=True)
+            for stale in Path(ctx.work_folder).glob("compress-gguf-*"):  # a killed try's files (GBs on big models)
+                shutil.rmtree(stale, ignore_errors=True)
+        self._work = Path(tempfile.mkdtemp(prefix="compress-gguf-", dir=ctx.work_folder))
+        try:
+            source = self._work / "source"
+            model.save_pretrained(source)
+            ctx.tokenizer.save_pretrained(source)
+            texts = window_texts(ctx.tokenizer, ctx.calibration) if self.config.imatrix else None
+            seq_len = int(ctx.calibration[0]["input_ids"].shape[1]) if texts else 512
+            info = {"data": "the recipe's calibration windows, decoded to text", "windows": len(texts)} if texts else None
+            done = export_gguf(source, self.config.quant, self._work / gguf_name(self.config.quant),
+                               imatrix_text=texts, imatrix_info=info, imatrix_ctx=seq_len)
+        except BaseException:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+            raise
         rec = done.record
         summary = f"GGUF {self.config.quant} by llama.cpp" + (" with an importance matrix" if rec["imatrix"] else "")
         return StageRecord(stage=self.name, summary=summary,
@@ -94,11 +104,13 @@ class GGUF:
                            wall_s=time.perf_counter() - start)
 
     def save(self, model, folder: Path) -> None:
-        """The float model the converter read, the GGUF file and its sidecar (source: this folder)."""
+        """The float model the converter read (its files, moved: the same weights as ``model``), the GGUF file
+        and its sidecar (source: this folder)."""
         from compress.gguf.export import sidecar
 
         assert self._work is not None, "gguf.save runs right after apply"
-        model.save_pretrained(folder)
+        for f in (self._work / "source").iterdir():
+            shutil.move(str(f), folder / f.name)
         name = gguf_name(self.config.quant)
         shutil.move(str(self._work / name), folder / name)
         record = json.loads(sidecar(self._work / name).read_text())

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from compress.errors import CompressError
+from compress.model_io import checkpoint_config, quant_method
 from compress.verify.agreement import (GGUF_FLOAT_TIE_NATS, QUANTIZED_MAX_DLOGP, QUANTIZED_MIN_TOP1, Verdict,
                                       gguf_thresholds, judge, prompt_agreement)
 from compress.verify.engines import ENGINES, engine_python, engine_settings, no_engine_reason, run_engine
@@ -122,20 +123,7 @@ def read_prompts(path: Path) -> list[str]:
 
 def checkpoint_kind(folder: Path) -> str | None:
     """quant_method of the checkpoint's config.json (None: float). Errors name the folder."""
-    if not folder.is_dir():
-        raise CompressError(f"{folder}: not a folder; verify takes a checkpoint folder (config.json, weights, "
-                            "tokenizer)")
-    config = folder / "config.json"
-    try:
-        raw = json.loads(config.read_text())
-    except OSError:
-        raise CompressError(f"{folder}: has no readable config.json; is it a Hugging Face model folder?") from None
-    except ValueError as e:
-        raise CompressError(f"{config}: is not valid JSON ({e})") from None
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if qc is None:
-        return None
-    return str(qc.get("quant_method", "unknown")) if isinstance(qc, dict) else "unknown"
+    return quant_method(checkpoint_config(folder, "verify"))
 
 
 def _dtype(requested: str, quantization: str | None) -> str:
